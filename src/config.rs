@@ -1,0 +1,192 @@
+//! Server configuration: every limit Herald enforces, with its default and the reason for it.
+//!
+//! The binary fills a [`Config`] from command-line flags and `HERALD_*` environment variables;
+//! tests and embedders build one with [`Config::default`] and the by-value setters.
+
+use std::time::Duration;
+
+/// Everything the server needs to know besides the listening socket.
+///
+/// Each field's default is chosen for a notification server at the edge: small messages, many
+/// mostly idle connections, and clients that may be hostile or merely slow.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Number of registry shards, each with its own lock and writer task. Default: the number of
+    /// CPUs, so that fan-out work spreads over every core.
+    pub shards: usize,
+    /// Frames a connection may have queued before it is dropped as a slow consumer.
+    /// Default 1024: absorbs bursts, while bounding memory to a few frames per connection.
+    pub queue_capacity: usize,
+    /// Largest publish body and largest client message, in bytes. Default 64 KiB: notifications
+    /// are small, and the limit bounds what one client can make the server buffer.
+    pub max_message_bytes: usize,
+    /// Open TCP connections (HTTP and WebSocket together) above which new ones get `503`.
+    /// Default 100 000.
+    pub max_connections: usize,
+    /// Channels one connection may be subscribed to at once. Default 128.
+    pub max_subscriptions: usize,
+    /// Time a new TCP connection has to deliver its request headers. Default 10 s: reaps
+    /// connections that never speak and slowloris clients.
+    pub handshake_timeout: Duration,
+    /// How often the server pings a quiet WebSocket client. Default 25 s, below the idle
+    /// timeouts of common proxies and load balancers (30-60 s).
+    pub ping_interval: Duration,
+    /// A WebSocket client that sends nothing (not even a pong) for this long is closed.
+    /// Default 60 s: two missed pings.
+    pub idle_timeout: Duration,
+    /// On shutdown, how long connections get to take their close frame before the server exits
+    /// anyway. Default 5 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            shards: std::thread::available_parallelism().map_or(1, usize::from),
+            queue_capacity: 1024,
+            max_message_bytes: 64 * 1024,
+            max_connections: 100_000,
+            max_subscriptions: 128,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A configuration value that the server cannot run with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A count or size that must be at least one was zero.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// A duration that must be positive was zero.
+    #[error("{0} must be longer than zero")]
+    ZeroDuration(&'static str),
+    /// The idle timeout is not longer than the ping interval, so a healthy client that answers
+    /// every ping would still be closed.
+    #[error("idle-timeout ({idle:?}) must be longer than ping-interval ({ping:?})")]
+    IdleNotAfterPing {
+        /// The configured idle timeout.
+        idle: Duration,
+        /// The configured ping interval.
+        ping: Duration,
+    },
+}
+
+impl Config {
+    /// Sets [`Config::shards`].
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// Sets [`Config::queue_capacity`].
+    pub fn queue_capacity(mut self, frames: usize) -> Self {
+        self.queue_capacity = frames;
+        self
+    }
+
+    /// Sets [`Config::max_message_bytes`].
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// Sets [`Config::max_connections`].
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// Sets [`Config::max_subscriptions`].
+    pub fn max_subscriptions(mut self, subscriptions: usize) -> Self {
+        self.max_subscriptions = subscriptions;
+        self
+    }
+
+    /// Sets [`Config::handshake_timeout`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::ping_interval`].
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// Sets [`Config::idle_timeout`].
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::shutdown_grace`].
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Checks that the values make a server that can run.
+    ///
+    /// # Errors
+    /// The first value that cannot work, as a [`ConfigError`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("shards", self.shards),
+            ("queue-capacity", self.queue_capacity),
+            ("max-message-bytes", self.max_message_bytes),
+            ("max-connections", self.max_connections),
+            ("max-subscriptions", self.max_subscriptions),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        for (name, value) in [
+            ("handshake-timeout", self.handshake_timeout),
+            ("ping-interval", self.ping_interval),
+            ("idle-timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::IdleNotAfterPing {
+                idle: self.idle_timeout,
+                ping: self.ping_interval,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_zero_and_inverted_timeouts() {
+        assert_eq!(
+            Config::default().queue_capacity(0).validate(),
+            Err(ConfigError::Zero("queue-capacity"))
+        );
+        let config = Config::default()
+            .ping_interval(Duration::from_secs(30))
+            .idle_timeout(Duration::from_secs(30));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::IdleNotAfterPing { .. })
+        ));
+    }
+}

@@ -1,0 +1,132 @@
+//! Every way an HTTP request can fail, and the JSON reply each one gets.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION};
+use hyper::{Response, StatusCode};
+
+use crate::name::NameError;
+use crate::ws::handshake::HandshakeError;
+
+/// A failed HTTP request. Each variant maps to one status code and one stable error code; the
+/// reply body is `{"error":<code>,"message":<Display text>}`.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// No route has this path.
+    #[error("no such route")]
+    NotFound,
+    /// The route exists but not for this method; `allow` lists the ones it takes.
+    #[error("method not allowed (allowed: {allow})")]
+    MethodNotAllowed {
+        /// The value of the `Allow` header.
+        allow: &'static str,
+    },
+    /// The WebSocket upgrade request is malformed.
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    /// A query parameter of the upgrade request is invalid.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// A channel name in the path or query breaks the naming rules.
+    #[error("invalid channel name: {0}")]
+    InvalidChannel(NameError),
+    /// A client id in the path or query breaks the naming rules.
+    #[error("invalid client id: {0}")]
+    InvalidClientId(NameError),
+    /// More channels were asked for on connect than `--max-subscriptions` allows.
+    #[error("too many channels (limit {0})")]
+    TooManySubscriptions(usize),
+    /// The body is larger than `--max-message-bytes`.
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The body was declared `application/json` but is not one JSON value.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The body could not be read (the client went away or sent a broken chunked body).
+    #[error("could not read the request body")]
+    BodyRead,
+    /// No connection has the client id of a direct send.
+    #[error("no connection has client id {0:?}")]
+    ClientNotFound(String),
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl HttpError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HttpError::NotFound | HttpError::ClientNotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::MethodNotAllowed { .. }
+            | HttpError::Handshake(HandshakeError::MethodNotGet) => StatusCode::METHOD_NOT_ALLOWED,
+            HttpError::Handshake(HandshakeError::UnsupportedVersion) => {
+                StatusCode::UPGRADE_REQUIRED
+            }
+            HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Handshake(_)
+            | HttpError::InvalidQuery(_)
+            | HttpError::InvalidChannel(_)
+            | HttpError::InvalidClientId(_)
+            | HttpError::TooManySubscriptions(_)
+            | HttpError::InvalidJson(_)
+            | HttpError::BodyRead => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The stable, machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HttpError::NotFound => "not_found",
+            HttpError::MethodNotAllowed { .. } => "method_not_allowed",
+            HttpError::Handshake(HandshakeError::MethodNotGet) => "method_not_allowed",
+            HttpError::Handshake(HandshakeError::UnsupportedVersion) => "unsupported_version",
+            HttpError::Handshake(HandshakeError::NotUpgrade) => "not_websocket_upgrade",
+            HttpError::Handshake(_) => "invalid_handshake",
+            HttpError::InvalidQuery(_) => "invalid_query",
+            HttpError::InvalidChannel(_) => "invalid_channel",
+            HttpError::InvalidClientId(_) => "invalid_client_id",
+            HttpError::TooManySubscriptions(_) => "too_many_subscriptions",
+            HttpError::PayloadTooLarge { .. } => "payload_too_large",
+            HttpError::InvalidJson(_) => "invalid_json",
+            HttpError::BodyRead => "body_read_error",
+            HttpError::ClientNotFound(_) => "client_not_found",
+            HttpError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The JSON reply.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut response = json_response(self.status(), &body);
+        let headers = response.headers_mut();
+        match self {
+            HttpError::MethodNotAllowed { allow } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            HttpError::Handshake(HandshakeError::MethodNotGet) => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            HttpError::Handshake(HandshakeError::UnsupportedVersion) => {
+                headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A reply with a JSON body.
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).expect("our reply types always serialize");
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

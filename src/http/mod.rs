@@ -1,0 +1,118 @@
+//! The HTTP side of Herald: routing, the publish API, and the WebSocket upgrade.
+//!
+//! | route | method | what |
+//! |---|---|---|
+//! | `/` | GET | the demo page |
+//! | `/healthz` | GET | `ok` while the server runs |
+//! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format` query) |
+//! | `/echo` | GET | WebSocket that echoes every message (conformance testing) |
+//! | `/api/publish/{channel}` | POST | publish the body to a channel |
+//! | `/api/send/{client_id}` | POST | send the body to every connection of a client |
+//! | `/api/broadcast` | POST | send the body to every connection |
+//! | `/api/channels` | GET | channels with subscribers |
+//! | `/api/stats` | GET | connection and delivery counters |
+
+mod api;
+mod error;
+mod upgrade;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::Config;
+use crate::registry::Registry;
+
+pub use error::{HttpError, json_response};
+
+/// What every request handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    /// The connection registry.
+    pub registry: Registry,
+    /// The server's configuration.
+    pub config: Config,
+}
+
+/// The connection-limit permit of one TCP connection. The HTTP connection holds it; an upgrade
+/// takes it out and moves it into the WebSocket task, so the limit counts each socket once for
+/// its whole life.
+pub type ConnectionSlot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Answers one HTTP request.
+pub async fn handle(
+    req: Request<Incoming>,
+    state: Arc<AppState>,
+    slot: ConnectionSlot,
+) -> Response<Full<Bytes>> {
+    route(req, &state, &slot)
+        .await
+        .unwrap_or_else(HttpError::into_response)
+}
+
+async fn route(
+    req: Request<Incoming>,
+    state: &Arc<AppState>,
+    slot: &ConnectionSlot,
+) -> Result<Response<Full<Bytes>>, HttpError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let allow = |expected: &Method, allow: &'static str| {
+        if method == *expected {
+            Ok(())
+        } else {
+            Err(HttpError::MethodNotAllowed { allow })
+        }
+    };
+    match path.as_str() {
+        "/" => {
+            allow(&Method::GET, "GET")?;
+            Ok(text_response("text/html; charset=utf-8", DEMO_PAGE))
+        }
+        "/healthz" => {
+            allow(&Method::GET, "GET")?;
+            Ok(text_response("text/plain; charset=utf-8", "ok"))
+        }
+        "/ws" => upgrade::websocket(req, state, slot, upgrade::Endpoint::Notify),
+        "/echo" => upgrade::websocket(req, state, slot, upgrade::Endpoint::Echo),
+        "/api/channels" => {
+            allow(&Method::GET, "GET")?;
+            Ok(api::channels(state))
+        }
+        "/api/stats" => {
+            allow(&Method::GET, "GET")?;
+            Ok(json_response(StatusCode::OK, &state.registry.stats()))
+        }
+        "/api/broadcast" => {
+            allow(&Method::POST, "POST")?;
+            api::broadcast(req, state).await
+        }
+        _ => {
+            if let Some(channel) = path.strip_prefix("/api/publish/") {
+                allow(&Method::POST, "POST")?;
+                api::publish(req, state, channel).await
+            } else if let Some(client_id) = path.strip_prefix("/api/send/") {
+                allow(&Method::POST, "POST")?;
+                api::send(req, state, client_id).await
+            } else {
+                Err(HttpError::NotFound)
+            }
+        }
+    }
+}
+
+fn text_response(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

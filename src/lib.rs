@@ -1,0 +1,28 @@
+//! Herald: a lean real-time notification server.
+//!
+//! Backends publish over HTTP; browsers and apps hold WebSocket connections and get each
+//! message within milliseconds. One slow client never holds up the others: every connection has
+//! a bounded queue, and a connection whose queue overflows is dropped.
+//!
+//! # Layout
+//! - [`server`]: the accept loop, connection limit and graceful shutdown.
+//! - [`http`]: routing, the publish API and the WebSocket upgrade (hyper stops here).
+//! - [`connection`]: one WebSocket connection's read loop and vectored write path.
+//! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
+//! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
+//! - [`protocol`]: the JSON protocol (client requests and server envelopes).
+//! - [`name`]: channel name and client id rules.
+//! - [`config`]: every limit, with its default and the reason for it.
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod http;
+pub mod name;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod ws;
+
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,561 @@
+//! The JSON protocol spoken on `format=json` WebSocket connections.
+//!
+//! [`parse_request`] reads what a client sends; the `*_frame` functions build what the server
+//! sends, each as a complete WebSocket text frame in one [`Bytes`], so a frame built once per
+//! publish is shared by every subscriber without another copy.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::name::{self, NameError};
+use crate::ws::frame::{OpCode, frame_header};
+
+/// The content of a message: how a publisher's bytes are carried to subscribers.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Bytes known to be one valid JSON value; embedded as they are under `data`.
+    Json(&'a [u8]),
+    /// UTF-8 text that is not JSON; delivered as a JSON string under `data`.
+    Text(&'a str),
+    /// Bytes that are not UTF-8; delivered base64-encoded under `data_b64`.
+    Binary(&'a [u8]),
+}
+
+impl<'a> Payload<'a> {
+    /// Classifies an HTTP body: JSON when the publisher declared it (checked), text when it is
+    /// UTF-8, binary otherwise.
+    ///
+    /// # Errors
+    /// [`PayloadError::InvalidJson`] when `declared_json` is set and the body is not one JSON value.
+    pub fn from_body(body: &'a [u8], declared_json: bool) -> Result<Self, PayloadError> {
+        if declared_json {
+            serde_json::from_slice::<&RawValue>(body)
+                .map_err(|err| PayloadError::InvalidJson(err.to_string()))?;
+            check_depth(body).map_err(PayloadError::InvalidJson)?;
+            return Ok(Payload::Json(body));
+        }
+        Ok(match std::str::from_utf8(body) {
+            Ok(text) => Payload::Text(text),
+            Err(_) => Payload::Binary(body),
+        })
+    }
+
+    /// The bytes a `format=raw` subscriber receives, and whether they go in a text frame.
+    pub fn raw(&self) -> (&'a [u8], bool) {
+        match *self {
+            Payload::Json(bytes) => (bytes, true),
+            Payload::Text(text) => (text.as_bytes(), true),
+            Payload::Binary(bytes) => (bytes, false),
+        }
+    }
+
+    fn len_hint(&self) -> usize {
+        match self {
+            Payload::Json(bytes) | Payload::Binary(bytes) => bytes.len() * 4 / 3 + 4,
+            Payload::Text(text) => text.len() + 16,
+        }
+    }
+}
+
+/// The deepest nesting of arrays and objects accepted in a payload: serde_json's own limit for
+/// the values it parses, applied to the values we pass through untouched, so that no subscriber's
+/// JSON parser is handed a document deeper than common parsers accept.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Checks that valid JSON nests no deeper than [`MAX_JSON_DEPTH`], in one pass without
+/// recursion.
+fn check_depth(json: &[u8]) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A publish body that cannot be delivered as declared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// The body was declared `application/json` but does not parse as one JSON value.
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+}
+
+/// One request a client sent on a json connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Start receiving the channel's messages.
+    Subscribe {
+        /// The channel, already validated.
+        channel: Cow<'a, str>,
+    },
+    /// Stop receiving the channel's messages.
+    Unsubscribe {
+        /// The channel, already validated.
+        channel: Cow<'a, str>,
+    },
+    /// Publish `data` to every subscriber of the channel.
+    Publish {
+        /// The channel, already validated.
+        channel: Cow<'a, str>,
+        /// One JSON value (`null` when the client sent none).
+        data: &'a str,
+    },
+    /// Send `data` to every connection of one client id.
+    Send {
+        /// The receiving client id, already validated.
+        to: Cow<'a, str>,
+        /// One JSON value (`null` when the client sent none).
+        data: &'a str,
+    },
+}
+
+/// Why a client's request was refused. The connection stays open; the client gets an error
+/// frame with [`RequestError::code`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The frame is not one JSON object (or nests deeper than serde_json's limit of 128).
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// A field the request type needs is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// `type` names no request this server knows.
+    #[error("unknown request type")]
+    UnknownType,
+    /// The channel name breaks the naming rules.
+    #[error("invalid channel name: {0}")]
+    InvalidChannel(NameError),
+    /// The client id breaks the naming rules.
+    #[error("invalid client id: {0}")]
+    InvalidClientId(NameError),
+}
+
+impl RequestError {
+    /// The stable, machine-readable code carried in the error frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::InvalidJson(_) => "invalid_json",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::UnknownType => "unknown_type",
+            RequestError::InvalidChannel(_) => "invalid_channel",
+            RequestError::InvalidClientId(_) => "invalid_client_id",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireRequest<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// What [`parse_request`] found: the request's `id` (echoed in the reply, even when the request
+/// itself is refused) and the request or the reason it is refused.
+#[derive(Debug)]
+pub struct ParsedRequest<'a> {
+    /// The client's `id`, as raw JSON, if it sent one.
+    pub id: Option<&'a RawValue>,
+    /// The request, or why it cannot be carried out.
+    pub request: Result<Request<'a>, RequestError>,
+}
+
+/// Parses one text frame from a json-format client.
+pub fn parse_request(text: &str) -> ParsedRequest<'_> {
+    let wire: WireRequest<'_> = match serde_json::from_str(text) {
+        Ok(wire) => wire,
+        Err(err) => {
+            return ParsedRequest {
+                id: None,
+                request: Err(RequestError::InvalidJson(err.to_string())),
+            };
+        }
+    };
+    ParsedRequest {
+        id: wire.id,
+        request: interpret(wire),
+    }
+}
+
+fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
+    let kind = wire.kind.ok_or(RequestError::MissingField("type"))?;
+    let channel = || -> Result<Cow<'_, str>, RequestError> {
+        let channel = wire
+            .channel
+            .clone()
+            .ok_or(RequestError::MissingField("channel"))?;
+        name::validate(&channel).map_err(RequestError::InvalidChannel)?;
+        Ok(channel)
+    };
+    let data = wire.data.map_or("null", RawValue::get);
+    check_depth(data.as_bytes()).map_err(RequestError::InvalidJson)?;
+    match &*kind {
+        "subscribe" => Ok(Request::Subscribe {
+            channel: channel()?,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            channel: channel()?,
+        }),
+        "publish" => Ok(Request::Publish {
+            channel: channel()?,
+            data,
+        }),
+        "send" => {
+            let to = wire.to.ok_or(RequestError::MissingField("to"))?;
+            name::validate(&to).map_err(RequestError::InvalidClientId)?;
+            Ok(Request::Send { to, data })
+        }
+        _ => Err(RequestError::UnknownType),
+    }
+}
+
+/// Room left in front of every frame for the largest WebSocket header (2 + 8 bytes).
+const HEADER_ROOM: usize = 10;
+
+/// Builds a server text frame in one buffer: the JSON is written after [`HEADER_ROOM`] spare
+/// bytes and the header is filled in backwards once the length is known, so neither the JSON
+/// nor the frame is copied again.
+struct TextFrame {
+    buf: Vec<u8>,
+}
+
+impl TextFrame {
+    fn with_capacity(json_len: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_ROOM + json_len);
+        buf.resize(HEADER_ROOM, 0);
+        Self { buf }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    fn push_str(&mut self, text: &str) -> &mut Self {
+        self.push(text.as_bytes())
+    }
+
+    /// Appends `text` as a JSON string literal.
+    fn push_json_string(&mut self, text: &str) -> &mut Self {
+        serde_json::to_writer(&mut self.buf, text).expect("writing to a Vec cannot fail");
+        self
+    }
+
+    fn push_u64(&mut self, value: u64) -> &mut Self {
+        let mut digits = itoa::Buffer::new();
+        self.push_str(digits.format(value))
+    }
+
+    /// Appends `,"id":<id>` when the request carried an id.
+    fn push_id(&mut self, id: Option<&RawValue>) -> &mut Self {
+        if let Some(id) = id {
+            self.push_str(r#","id":"#).push_str(id.get());
+        }
+        self
+    }
+
+    /// Appends `,"data":…` or `,"data_b64":…` for the payload.
+    fn push_payload(&mut self, payload: Payload<'_>) -> &mut Self {
+        match payload {
+            Payload::Json(json) => self.push_str(r#","data":"#).push(json),
+            Payload::Text(text) => self.push_str(r#","data":"#).push_json_string(text),
+            Payload::Binary(bytes) => {
+                let engine = &base64::engine::general_purpose::STANDARD;
+                self.push_str(r#","data_b64":""#);
+                let start = self.buf.len();
+                let encoded_len = base64::encoded_len(bytes.len(), true)
+                    .expect("a message under the size limit has a base64 length");
+                self.buf.resize(start + encoded_len, 0);
+                engine
+                    .encode_slice(bytes, &mut self.buf[start..])
+                    .expect("the buffer was sized with encoded_len");
+                self.push_str("\"")
+            }
+        }
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.push_str("}");
+        let json_len = self.buf.len() - HEADER_ROOM;
+        let mut header = Vec::with_capacity(HEADER_ROOM);
+        frame_header(OpCode::Text, json_len, &mut header);
+        let start = HEADER_ROOM - header.len();
+        self.buf[start..HEADER_ROOM].copy_from_slice(&header);
+        Bytes::from(self.buf).slice(start..)
+    }
+}
+
+/// `{"type":"message","channel":…,"offset":…,"from":…,"data":…}`: a channel publish.
+pub fn message_frame(
+    channel: &str,
+    offset: u64,
+    from: Option<&str>,
+    payload: Payload<'_>,
+) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64 + channel.len() + payload.len_hint());
+    frame
+        .push_str(r#"{"type":"message","channel":"#)
+        .push_json_string(channel)
+        .push_str(r#","offset":"#)
+        .push_u64(offset);
+    if let Some(from) = from {
+        frame.push_str(r#","from":"#).push_json_string(from);
+    }
+    frame.push_payload(payload);
+    frame.finish()
+}
+
+/// `{"type":"direct","from":…,"data":…}`: a message to one client id.
+pub fn direct_frame(from: Option<&str>, payload: Payload<'_>) -> Bytes {
+    let mut frame = TextFrame::with_capacity(48 + payload.len_hint());
+    frame.push_str(r#"{"type":"direct""#);
+    if let Some(from) = from {
+        frame.push_str(r#","from":"#).push_json_string(from);
+    }
+    frame.push_payload(payload);
+    frame.finish()
+}
+
+/// `{"type":"broadcast","data":…}`: a message to every connection.
+pub fn broadcast_frame(payload: Payload<'_>) -> Bytes {
+    let mut frame = TextFrame::with_capacity(32 + payload.len_hint());
+    frame
+        .push_str(r#"{"type":"broadcast""#)
+        .push_payload(payload);
+    frame.finish()
+}
+
+/// `{"type":"welcome","client_id":…}`: the first frame on a json connection.
+pub fn welcome_frame(client_id: &str) -> Bytes {
+    let mut frame = TextFrame::with_capacity(48 + client_id.len());
+    frame
+        .push_str(r#"{"type":"welcome","client_id":"#)
+        .push_json_string(client_id);
+    frame.finish()
+}
+
+/// `{"type":"subscribed"|"unsubscribed","id":…,"channel":…}`: the reply to (un)subscribe.
+pub fn subscription_frame(subscribed: bool, id: Option<&RawValue>, channel: &str) -> Bytes {
+    let kind = if subscribed {
+        "subscribed"
+    } else {
+        "unsubscribed"
+    };
+    let mut frame = TextFrame::with_capacity(48 + channel.len());
+    frame
+        .push_str(r#"{"type":""#)
+        .push_str(kind)
+        .push_str("\"")
+        .push_id(id)
+        .push_str(r#","channel":"#)
+        .push_json_string(channel);
+    frame.finish()
+}
+
+/// `{"type":"published","id":…,"channel":…,"offset":…,"subscribers":…}`: the reply to a publish.
+pub fn published_frame(
+    id: Option<&RawValue>,
+    channel: &str,
+    offset: u64,
+    subscribers: u64,
+) -> Bytes {
+    let mut frame = TextFrame::with_capacity(80 + channel.len());
+    frame
+        .push_str(r#"{"type":"published""#)
+        .push_id(id)
+        .push_str(r#","channel":"#)
+        .push_json_string(channel)
+        .push_str(r#","offset":"#)
+        .push_u64(offset)
+        .push_str(r#","subscribers":"#)
+        .push_u64(subscribers);
+    frame.finish()
+}
+
+/// `{"type":"sent","id":…,"to":…,"connections":…}`: the reply to a direct send.
+pub fn sent_frame(id: Option<&RawValue>, to: &str, connections: u64) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64 + to.len());
+    frame
+        .push_str(r#"{"type":"sent""#)
+        .push_id(id)
+        .push_str(r#","to":"#)
+        .push_json_string(to)
+        .push_str(r#","connections":"#)
+        .push_u64(connections);
+    frame.finish()
+}
+
+/// `{"type":"error","id":…,"code":…,"message":…}`: a refused request; the connection stays open.
+pub fn error_frame(id: Option<&RawValue>, code: &str, message: &str) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64 + message.len());
+    frame
+        .push_str(r#"{"type":"error""#)
+        .push_id(id)
+        .push_str(r#","code":"#)
+        .push_json_string(code)
+        .push_str(r#","message":"#)
+        .push_json_string(message);
+    frame.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_of(frame: &Bytes) -> serde_json::Value {
+        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        assert_eq!(frame[0], 0x81, "FIN + text opcode");
+        serde_json::from_slice(&frame[header..]).expect("frame carries JSON")
+    }
+
+    #[test]
+    fn message_frames_carry_each_payload_kind() {
+        let json = json_of(&message_frame(
+            "news",
+            7,
+            None,
+            Payload::Json(br#"{"a":1}"#),
+        ));
+        assert_eq!(
+            json,
+            serde_json::json!({"type":"message","channel":"news","offset":7,"data":{"a":1}})
+        );
+        let text = json_of(&message_frame(
+            "c",
+            1,
+            Some("bob"),
+            Payload::Text("hi \"x\""),
+        ));
+        assert_eq!(text["data"], "hi \"x\"");
+        assert_eq!(text["from"], "bob");
+        let binary = json_of(&message_frame("c", 1, None, Payload::Binary(&[0xff, 0])));
+        assert_eq!(binary["data_b64"], "/wA=");
+        let big = json_of(&message_frame(
+            "c",
+            1,
+            None,
+            Payload::Text(&"x".repeat(300)),
+        ));
+        assert_eq!(big["data"].as_str().map(str::len), Some(300));
+    }
+
+    #[test]
+    fn replies_echo_the_request_id() {
+        let id: &RawValue = serde_json::from_str(r#"{"n":[1,2]}"#).unwrap();
+        let reply = json_of(&subscription_frame(true, Some(id), "a"));
+        assert_eq!(
+            reply,
+            serde_json::json!({"type":"subscribed","id":{"n":[1,2]},"channel":"a"})
+        );
+        let error = json_of(&error_frame(None, "invalid_json", "bad"));
+        assert_eq!(
+            error,
+            serde_json::json!({"type":"error","code":"invalid_json","message":"bad"})
+        );
+    }
+
+    #[test]
+    fn parses_every_request_type() {
+        let parsed = parse_request(r#"{"type":"publish","channel":"room:1","data":[1],"id":3}"#);
+        assert_eq!(parsed.id.map(RawValue::get), Some("3"));
+        assert_eq!(
+            parsed.request,
+            Ok(Request::Publish {
+                channel: "room:1".into(),
+                data: "[1]"
+            })
+        );
+        let send = parse_request(r#"{"type":"send","to":"bob"}"#).request;
+        assert_eq!(
+            send,
+            Ok(Request::Send {
+                to: "bob".into(),
+                data: "null"
+            })
+        );
+        let sub = parse_request(r#"{"type":"subscribe","channel":"a\/b"}"#).request;
+        assert_eq!(
+            sub,
+            Ok(Request::Subscribe {
+                channel: "a/b".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_a_code() {
+        let code = |text: &str| parse_request(text).request.unwrap_err().code();
+        assert_eq!(code("{"), "invalid_json");
+        assert_eq!(code("[1]"), "invalid_json");
+        assert_eq!(code(r#"{"channel":"a"}"#), "missing_field");
+        assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
+        assert_eq!(
+            code(r#"{"type":"subscribe","channel":"a b"}"#),
+            "invalid_channel"
+        );
+        assert_eq!(code(r#"{"type":"send","to":""}"#), "invalid_client_id");
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            code(&format!(
+                r#"{{"type":"publish","channel":"a","data":{deep}}}"#
+            )),
+            "invalid_json"
+        );
+        let parsed = parse_request(r#"{"type":"nope","id":"x"}"#);
+        assert_eq!(parsed.id.map(RawValue::get), Some(r#""x""#));
+    }
+
+    #[test]
+    fn classifies_publish_bodies() {
+        assert!(matches!(
+            Payload::from_body(b"{}", true),
+            Ok(Payload::Json(_))
+        ));
+        assert!(Payload::from_body(b"{", true).is_err());
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(Payload::from_body(nested(128).as_bytes(), true).is_ok());
+        assert!(Payload::from_body(nested(129).as_bytes(), true).is_err());
+        let in_string = format!(r#"["{}"]"#, "[".repeat(1000));
+        assert!(Payload::from_body(in_string.as_bytes(), true).is_ok());
+        assert!(matches!(
+            Payload::from_body(b"{", false),
+            Ok(Payload::Text("{"))
+        ));
+        assert!(matches!(
+            Payload::from_body(&[0xc3], false),
+            Ok(Payload::Binary(_))
+        ));
+    }
+}

@@ -1,0 +1,492 @@
+//! The registry: every live connection, what it subscribes to, and the fan-out to it.
+//!
+//! Connections are spread over N shards, each a `parking_lot::Mutex<Slab<..>>` with its own
+//! channel and client indexes and its own writer task. A publish costs the publisher O(shards):
+//! it takes the channel's next offset, encodes the frame once, and hands an `Arc` of it to each
+//! shard's writer, which pushes it into the bounded outbox of every subscriber on that shard.
+
+mod channels;
+pub mod outbox;
+mod shard;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::protocol::{self, Payload};
+use crate::ws::close::CloseCode;
+use crate::ws::frame::{OpCode, encode_frame};
+
+use channels::ChannelTable;
+pub use outbox::{CloseReason, Outbox, Push, Signal};
+use shard::{Delivery, Entry, Shard, ShardState};
+
+/// How a connection wants its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON envelopes (`{"type":"message",...}`) and the JSON request protocol.
+    Json,
+    /// The payload bytes of one channel's messages, nothing else.
+    Raw,
+    /// The `/echo` endpoint: no messages at all, only the echo of what the client sends.
+    Echo,
+}
+
+/// Names one registered connection. Slab keys are reused, so the generation makes sure a stale
+/// id never reaches a newer connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId {
+    shard: u32,
+    key: u32,
+    generation: u32,
+}
+
+/// What [`Registry::register`] hands the connection task.
+#[derive(Debug)]
+pub struct Registration {
+    /// The connection's id, for every later call.
+    pub id: ConnId,
+    /// The connection's outgoing queue.
+    pub outbox: Arc<Outbox>,
+}
+
+/// Why a subscribe was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The connection already has `--max-subscriptions` channels.
+    #[error("too many subscriptions (limit {0})")]
+    TooMany(usize),
+    /// The connection is gone (it was closed while the request was handled).
+    #[error("connection is closed")]
+    Gone,
+}
+
+/// Why a publish could not be carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The registry's writer tasks have stopped: the server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// The channel offset given to this message.
+    pub offset: u64,
+    /// The channel's subscriptions at the time of the publish.
+    pub subscribers: u64,
+}
+
+/// Counters kept by the registry (read by `/api/stats`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    connections_opened: AtomicU64,
+    connections_closed: AtomicU64,
+    publishes: AtomicU64,
+    deliveries: AtomicU64,
+    slow_consumer_drops: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections registered since start.
+    pub connections_opened: u64,
+    /// Connections unregistered since start.
+    pub connections_closed: u64,
+    /// Channel publishes since start.
+    pub publishes: u64,
+    /// Frames queued to connections since start.
+    pub deliveries: u64,
+    /// Connections dropped because their queue overflowed.
+    pub slow_consumer_drops: u64,
+}
+
+impl Stats {
+    fn record_deliveries(&self, queued: u64, overflowed: u64) {
+        if queued > 0 {
+            self.deliveries.fetch_add(queued, Ordering::Relaxed);
+        }
+        if overflowed > 0 {
+            self.slow_consumer_drops
+                .fetch_add(overflowed, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Limits {
+    queue_capacity: usize,
+    max_subscriptions: usize,
+    ping_interval_ms: u64,
+    idle_timeout_ms: u64,
+}
+
+/// Milliseconds since the registry started: cheap to read, and small enough for an atomic.
+#[derive(Debug)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Shard]>,
+    channels: ChannelTable,
+    limits: Limits,
+    clock: Clock,
+    stats: Stats,
+    /// Round-robin cursor for placing new connections.
+    next_shard: AtomicUsize,
+    /// Registered connections; [`Registry::drained`] waits for zero.
+    live: AtomicUsize,
+    /// Notified when `live` drops to zero.
+    drained: Notify,
+}
+
+/// The shared handle to the registry; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+fn ping_frame() -> Bytes {
+    static PING: &[u8] = &[0x89, 0x00];
+    Bytes::from_static(PING)
+}
+
+impl Registry {
+    /// Builds the registry and spawns each shard's writer and housekeeping tasks; they end when
+    /// the last handle is dropped.
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    pub fn new(config: &Config) -> Self {
+        let (shards, receivers): (Vec<_>, Vec<_>) =
+            (0..config.shards).map(|_| Shard::new()).unzip();
+        let inner = Arc::new(Inner {
+            shards: shards.into_boxed_slice(),
+            channels: ChannelTable::default(),
+            limits: Limits {
+                queue_capacity: config.queue_capacity,
+                max_subscriptions: config.max_subscriptions,
+                ping_interval_ms: duration_ms(config.ping_interval),
+                idle_timeout_ms: duration_ms(config.idle_timeout),
+            },
+            clock: Clock(Instant::now()),
+            stats: Stats::default(),
+            next_shard: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            drained: Notify::new(),
+        });
+        let tick = (config.ping_interval.min(config.idle_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        for (index, rx) in receivers.into_iter().enumerate() {
+            tokio::spawn(shard::run_writer(Arc::downgrade(&inner), index, rx));
+            tokio::spawn(shard::run_housekeeping(Arc::downgrade(&inner), index, tick));
+        }
+        Self { inner }
+    }
+
+    /// The registry clock, in milliseconds; pass it to [`Outbox::touch`].
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// The configured outbox capacity, for connections pushing their own replies.
+    pub fn queue_capacity(&self) -> usize {
+        self.inner.limits.queue_capacity
+    }
+
+    /// Adds a connection. It receives broadcasts and direct sends at once, and channel
+    /// messages once subscribed.
+    pub fn register(&self, client_id: Arc<str>, format: Format) -> Registration {
+        let inner = &*self.inner;
+        let shard_index = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len();
+        let outbox = Arc::new(Outbox::new(inner.clock.now_ms()));
+        let mut state = inner.shards[shard_index].state.lock();
+        let generation = state.next_generation;
+        state.next_generation = generation.wrapping_add(1);
+        let key = state.conns.insert(Entry {
+            outbox: Arc::clone(&outbox),
+            client_id: Arc::clone(&client_id),
+            subscriptions: Vec::new(),
+            generation,
+            format,
+            pinged_ms: 0,
+        });
+        let key = u32::try_from(key).expect("fewer than 2^32 connections per shard");
+        if format != Format::Echo {
+            ShardState::index_add(&mut state.clients, &client_id, key);
+        }
+        drop(state);
+        inner.live.fetch_add(1, Ordering::Relaxed);
+        inner
+            .stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        Registration {
+            id: ConnId {
+                shard: shard_index as u32,
+                key,
+                generation,
+            },
+            outbox,
+        }
+    }
+
+    fn with_entry<T>(&self, id: ConnId, f: impl FnOnce(&mut ShardState, u32) -> T) -> Option<T> {
+        let mut state = self.inner.shards[id.shard as usize].state.lock();
+        match state.conns.get(id.key as usize) {
+            Some(entry) if entry.generation == id.generation => Some(f(&mut state, id.key)),
+            _ => None,
+        }
+    }
+
+    /// Removes a connection and all its subscriptions. A stale or repeated id does nothing.
+    pub fn unregister(&self, id: ConnId) {
+        let now = self.now_ms();
+        let removed = self.with_entry(id, |state, key| {
+            let entry = state.conns.remove(key as usize);
+            for channel in &entry.subscriptions {
+                ShardState::index_remove(&mut state.channels, channel, key);
+                self.inner
+                    .channels
+                    .count_subscriber(channel, entry.format == Format::Raw, -1, now);
+            }
+            ShardState::index_remove(&mut state.clients, &entry.client_id, key);
+        });
+        if removed.is_some() {
+            let inner = &*self.inner;
+            inner
+                .stats
+                .connections_closed
+                .fetch_add(1, Ordering::Relaxed);
+            if inner.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+                inner.drained.notify_waiters();
+            }
+        }
+    }
+
+    /// Subscribes the connection to `channel` (a valid name). Returns `false` when it already
+    /// was, which is not an error.
+    ///
+    /// # Errors
+    /// [`SubscribeError::TooMany`] past `--max-subscriptions`; [`SubscribeError::Gone`] for a
+    /// connection that is no longer registered.
+    pub fn subscribe(&self, id: ConnId, channel: &str) -> Result<bool, SubscribeError> {
+        let limit = self.inner.limits.max_subscriptions;
+        let now = self.now_ms();
+        self.with_entry(id, |state, key| {
+            let entry = &mut state.conns[key as usize];
+            if entry.subscriptions.iter().any(|c| &**c == channel) {
+                return Ok(false);
+            }
+            if entry.subscriptions.len() >= limit {
+                return Err(SubscribeError::TooMany(limit));
+            }
+            let channel: Arc<str> = Arc::from(channel);
+            entry.subscriptions.push(Arc::clone(&channel));
+            let raw = entry.format == Format::Raw;
+            ShardState::index_add(&mut state.channels, &channel, key);
+            self.inner.channels.count_subscriber(&channel, raw, 1, now);
+            Ok(true)
+        })
+        .unwrap_or(Err(SubscribeError::Gone))
+    }
+
+    /// Unsubscribes the connection from `channel`. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, id: ConnId, channel: &str) -> bool {
+        let now = self.now_ms();
+        self.with_entry(id, |state, key| {
+            let entry = &mut state.conns[key as usize];
+            let Some(at) = entry.subscriptions.iter().position(|c| &**c == channel) else {
+                return false;
+            };
+            let channel = entry.subscriptions.swap_remove(at);
+            let raw = entry.format == Format::Raw;
+            ShardState::index_remove(&mut state.channels, &channel, key);
+            self.inner.channels.count_subscriber(&channel, raw, -1, now);
+            true
+        })
+        .unwrap_or(false)
+    }
+
+    /// Publishes to `channel` (a valid name): takes the next offset and hands one encoded frame
+    /// to every shard. Waits only when the writers are behind (CPU saturation), never for a
+    /// slow connection.
+    ///
+    /// # Errors
+    /// [`PublishError::ShuttingDown`] when the writer tasks have stopped; no offset is used.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        from: Option<&str>,
+        payload: Payload<'_>,
+    ) -> Result<PublishReceipt, PublishError> {
+        let inner = &*self.inner;
+        let mut permits = Vec::with_capacity(inner.shards.len());
+        for shard in inner.shards.iter() {
+            permits.push(
+                shard
+                    .tx
+                    .reserve()
+                    .await
+                    .map_err(|_| PublishError::ShuttingDown)?,
+            );
+        }
+        let now = self.now_ms();
+        let mut stripe = inner.channels.lock(channel);
+        let (name, state) = match stripe.get_key_value(channel) {
+            Some((name, _)) => {
+                let name = Arc::clone(name);
+                let state = stripe.get_mut(channel).expect("key was just found");
+                (name, state)
+            }
+            None => {
+                let name: Arc<str> = Arc::from(channel);
+                let state = stripe.entry(Arc::clone(&name)).or_default();
+                (name, state)
+            }
+        };
+        state.offset += 1;
+        state.touched_ms = now;
+        let receipt = PublishReceipt {
+            offset: state.offset,
+            subscribers: state.subscribers,
+        };
+        if state.subscribers > 0 {
+            let raw = (state.raw_subscribers > 0).then(|| raw_frame(payload));
+            let delivery = Arc::new(Delivery {
+                json: protocol::message_frame(channel, receipt.offset, from, payload),
+                channel: Some(name),
+                raw,
+            });
+            for permit in permits {
+                permit.send(Arc::clone(&delivery));
+            }
+        }
+        drop(stripe);
+        inner.stats.publishes.fetch_add(1, Ordering::Relaxed);
+        Ok(receipt)
+    }
+
+    /// Sends to every json and raw connection.
+    ///
+    /// # Errors
+    /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
+    pub async fn broadcast(&self, payload: Payload<'_>) -> Result<u64, PublishError> {
+        let delivery = Arc::new(Delivery {
+            channel: None,
+            json: protocol::broadcast_frame(payload),
+            raw: Some(raw_frame(payload)),
+        });
+        for shard in self.inner.shards.iter() {
+            shard
+                .tx
+                .send(Arc::clone(&delivery))
+                .await
+                .map_err(|_| PublishError::ShuttingDown)?;
+        }
+        Ok(self.inner.live.load(Ordering::Relaxed) as u64)
+    }
+
+    /// Sends to every connection of `client_id`; returns how many there were.
+    pub fn send_to(&self, client_id: &str, from: Option<&str>, payload: Payload<'_>) -> u64 {
+        let json = protocol::direct_frame(from, payload);
+        let raw = raw_frame(payload);
+        let capacity = self.inner.limits.queue_capacity;
+        let mut reached = 0;
+        for shard in self.inner.shards.iter() {
+            let state = shard.state.lock();
+            for &key in state.clients.get(client_id).into_iter().flatten() {
+                let entry = &state.conns[key as usize];
+                let frame = if entry.format == Format::Raw {
+                    &raw
+                } else {
+                    &json
+                };
+                if entry.outbox.push(frame.clone(), capacity) == Push::Overflowed {
+                    self.inner.stats.record_deliveries(0, 1);
+                }
+                reached += 1;
+            }
+        }
+        self.inner.stats.record_deliveries(reached, 0);
+        reached
+    }
+
+    /// Every channel with subscribers and its subscriber count, sorted by name.
+    pub fn channels(&self) -> Vec<(Arc<str>, u64)> {
+        self.inner.channels.list()
+    }
+
+    /// Asks every connection to close for `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        for shard in self.inner.shards.iter() {
+            for (_, entry) in shard.state.lock().conns.iter() {
+                entry.outbox.close(reason);
+            }
+        }
+    }
+
+    /// Connections registered now.
+    pub fn len(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once no connection is registered.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.inner.drained.notified();
+            if self.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let stats = &self.inner.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: self.len() as u64,
+            connections_opened: load(&stats.connections_opened),
+            connections_closed: load(&stats.connections_closed),
+            publishes: load(&stats.publishes),
+            deliveries: load(&stats.deliveries),
+            slow_consumer_drops: load(&stats.slow_consumer_drops),
+        }
+    }
+}
+
+/// The frame a `format=raw` connection gets: the payload bytes, in a text frame when UTF-8.
+fn raw_frame(payload: Payload<'_>) -> Bytes {
+    let (bytes, text) = payload.raw();
+    encode_frame(if text { OpCode::Text } else { OpCode::Binary }, bytes)
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The close code and reason sent for a server-initiated close.
+pub fn close_code(reason: CloseReason) -> CloseCode {
+    CloseCode(reason.code())
+}

@@ -1,0 +1,189 @@
+//! One shard of the registry: a slab of connections, the shard's channel and client indexes,
+//! and the two tasks that work on them (the writer that fans frames out, and housekeeping).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use slab::Slab;
+use tokio::sync::mpsc;
+
+use super::outbox::{CloseReason, Outbox, Push};
+use super::{Format, Inner};
+
+/// How many queued deliveries the writer takes per lock of the shard.
+const WRITER_BATCH: usize = 64;
+
+/// A frame (or pair of frames) to push to the connections it is meant for.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The channel's subscribers get it; `None` means every json and raw connection.
+    pub channel: Option<Arc<str>>,
+    /// The frame for json connections.
+    pub json: Bytes,
+    /// The frame for raw connections; `None` when the publish found no raw subscriber.
+    pub raw: Option<Bytes>,
+}
+
+impl Delivery {
+    fn frame_for(&self, format: Format) -> Option<&Bytes> {
+        match format {
+            Format::Json => Some(&self.json),
+            Format::Raw => self.raw.as_ref(),
+            Format::Echo => None,
+        }
+    }
+}
+
+/// A registered connection, as the shard sees it.
+#[derive(Debug)]
+pub struct Entry {
+    pub outbox: Arc<Outbox>,
+    pub client_id: Arc<str>,
+    /// The channels this connection is subscribed to (no duplicates).
+    pub subscriptions: Vec<Arc<str>>,
+    /// Tells this entry apart from earlier ones that had the same slab key.
+    pub generation: u32,
+    pub format: Format,
+    /// When the shard last pinged this connection (registry clock, ms).
+    pub pinged_ms: u64,
+}
+
+/// The shard's data, behind one lock that is never held across an `.await` or a socket write.
+#[derive(Debug, Default)]
+pub struct ShardState {
+    pub conns: Slab<Entry>,
+    /// Channel name to the slab keys of this shard's subscribers.
+    pub channels: HashMap<Arc<str>, Vec<u32>>,
+    /// Client id to the slab keys of that client's connections on this shard.
+    pub clients: HashMap<Arc<str>, Vec<u32>>,
+    pub next_generation: u32,
+}
+
+impl ShardState {
+    /// Adds `key` to the index under `name`.
+    pub fn index_add(index: &mut HashMap<Arc<str>, Vec<u32>>, name: &Arc<str>, key: u32) {
+        index.entry(Arc::clone(name)).or_default().push(key);
+    }
+
+    /// Removes `key` from the index under `name`, dropping the name once it has no keys.
+    pub fn index_remove(index: &mut HashMap<Arc<str>, Vec<u32>>, name: &str, key: u32) {
+        let Some(keys) = index.get_mut(name) else {
+            return;
+        };
+        if let Some(at) = keys.iter().position(|&k| k == key) {
+            keys.swap_remove(at);
+        }
+        if keys.is_empty() {
+            index.remove(name);
+        }
+    }
+}
+
+/// One shard: its state and the sending side of its writer's queue.
+#[derive(Debug)]
+pub struct Shard {
+    pub state: Mutex<ShardState>,
+    /// Publishers reserve a slot here before they take a channel's offset; bounded, so a server
+    /// short of CPU slows publishers down instead of growing without limit.
+    pub tx: mpsc::Sender<Arc<Delivery>>,
+}
+
+/// Deliveries a shard's writer queue holds before publishers wait.
+pub const WRITER_QUEUE: usize = 4096;
+
+impl Shard {
+    /// A shard and the receiving end of its writer queue.
+    pub fn new() -> (Self, mpsc::Receiver<Arc<Delivery>>) {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let shard = Self {
+            state: Mutex::new(ShardState::default()),
+            tx,
+        };
+        (shard, rx)
+    }
+}
+
+/// The writer task: pushes every delivery into the outboxes of the shard's connections it is
+/// meant for. Never waits on a connection: a full outbox closes that connection instead.
+/// Ends when the registry is dropped.
+pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver<Arc<Delivery>>) {
+    let mut batch = Vec::with_capacity(WRITER_BATCH);
+    while rx.recv_many(&mut batch, WRITER_BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else { return };
+        let capacity = inner.limits.queue_capacity;
+        let shard = &inner.shards[index];
+        let mut queued = 0u64;
+        let mut overflowed = 0u64;
+        {
+            let state = shard.state.lock();
+            for delivery in batch.drain(..) {
+                let mut push = |entry: &Entry| {
+                    let Some(frame) = delivery.frame_for(entry.format) else {
+                        return;
+                    };
+                    match entry.outbox.push(frame.clone(), capacity) {
+                        Push::Queued => queued += 1,
+                        Push::Overflowed => {
+                            overflowed += 1;
+                            tracing::warn!(
+                                client_id = %entry.client_id,
+                                capacity,
+                                "dropping slow consumer: its queue is full"
+                            );
+                        }
+                        Push::Closing => {}
+                    }
+                };
+                match &delivery.channel {
+                    Some(channel) => {
+                        for &key in state.channels.get(channel).into_iter().flatten() {
+                            push(&state.conns[key as usize]);
+                        }
+                    }
+                    None => state.conns.iter().for_each(|(_, entry)| push(entry)),
+                }
+            }
+        }
+        inner.stats.record_deliveries(queued, overflowed);
+    }
+}
+
+/// The housekeeping task: pings quiet connections, closes idle ones, and (on shard 0) forgets
+/// abandoned channels. Ends when the registry is dropped.
+pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) {
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep_ms = 0;
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = inner.clock.now_ms();
+        let limits = &inner.limits;
+        let mut state = inner.shards[index].state.lock();
+        for (_, entry) in state.conns.iter_mut() {
+            let quiet = now.saturating_sub(entry.outbox.last_active_ms());
+            if quiet >= limits.idle_timeout_ms {
+                if entry.outbox.close(CloseReason::IdleTimeout) {
+                    tracing::debug!(client_id = %entry.client_id, "closing idle connection");
+                }
+            } else if quiet >= limits.ping_interval_ms
+                && now.saturating_sub(entry.pinged_ms) >= limits.ping_interval_ms
+            {
+                entry.pinged_ms = now;
+                entry
+                    .outbox
+                    .push(super::ping_frame(), limits.queue_capacity);
+            }
+        }
+        drop(state);
+        if index == 0 && now.saturating_sub(last_sweep_ms) >= SWEEP_EVERY_MS {
+            last_sweep_ms = now;
+            inner.channels.sweep(now);
+        }
+    }
+}
+
+const SWEEP_EVERY_MS: u64 = 10_000;

@@ -1,0 +1,166 @@
+//! The accept loop and graceful shutdown.
+//!
+//! Every accepted socket takes a permit of the connection limit first; without one it gets a
+//! `503` JSON reply instead of a refused connection. Each HTTP connection is served by hyper
+//! with upgrades enabled; a WebSocket upgrade moves the permit into the connection's own task.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::http::{self, AppState};
+use crate::registry::{CloseReason, Registry};
+
+/// Largest request head (request line and headers) hyper buffers; more gets `431`.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Pause after an accept error such as running out of file descriptors, so the loop does not
+/// spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves HTTP and WebSocket connections on `listener` until `shutdown` resolves, then closes
+/// every WebSocket with 1001 "going away" and returns once all are closed or
+/// [`Config::shutdown_grace`] has passed.
+///
+/// # Errors
+/// [`crate::Error::Config`] when the configuration is invalid.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    config.validate()?;
+    let registry = Registry::new(&config);
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let grace = config.shutdown_grace;
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        config,
+    });
+    // Every HTTP connection task holds a receiver: the sender's change starts their graceful
+    // shutdown, and `closed()` resolves once all of them have ended.
+    let (close_tx, close_rx) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    accept_error(err).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => serve_http(
+                stream,
+                Arc::clone(&state),
+                Arc::new(Mutex::new(Some(permit))),
+                close_rx.clone(),
+            ),
+            Err(_) => {
+                tracing::warn!(
+                    limit = state.config.max_connections,
+                    "connection limit reached, answering 503"
+                );
+                tokio::spawn(reject_busy(stream));
+            }
+        }
+    }
+    drop(listener);
+    drop(close_rx);
+    tracing::info!("shutting down: closing connections");
+    close_tx.send_replace(());
+    registry.close_all(CloseReason::GoingAway);
+    let drained = async {
+        registry.drained().await;
+        close_tx.closed().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            remaining = registry.len(),
+            "shutdown grace elapsed with connections still open"
+        );
+    }
+    Ok(())
+}
+
+fn serve_http(
+    stream: TcpStream,
+    state: Arc<AppState>,
+    slot: http::ConnectionSlot,
+    mut close_rx: watch::Receiver<()>,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.handshake_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    tokio::spawn(async move {
+        let service = service_fn(move |req| {
+            let state = Arc::clone(&state);
+            let slot = Arc::clone(&slot);
+            async move { Ok::<_, std::convert::Infallible>(http::handle(req, state, slot).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = close_rx.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(%err, "http connection ended with an error");
+        }
+    });
+}
+
+/// Answers a connection over the limit with `503` and closes it.
+async fn reject_busy(mut stream: TcpStream) {
+    const BODY: &str =
+        r#"{"error":"too_many_connections","message":"connection limit reached, try again later"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // Read the request first (bounded) so that closing does not reset the connection
+        // before the client has seen the reply.
+        let mut head = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut head)).await;
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Accept errors: per-connection ones are skipped; others (out of file descriptors, out of
+/// memory) are logged and the loop pauses instead of spinning.
+async fn accept_error(err: io::Error) {
+    match err.kind() {
+        io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::Interrupted => {}
+        _ => {
+            tracing::error!(%err, "accept failed; pausing before the next accept");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+        }
+    }
+}
