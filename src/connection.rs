@@ -107,8 +107,6 @@ enum Ending {
         reason: Cow<'static, str>,
         /// Deliver the frames still queued first (a graceful shutdown).
         flush: bool,
-        /// The peer cannot take more bytes: try the close frame once and do not wait.
-        hurry: bool,
     },
 }
 
@@ -118,7 +116,6 @@ impl Ending {
             code: Some(code),
             reason: reason.into(),
             flush: false,
-            hurry: false,
         }
     }
 
@@ -127,7 +124,6 @@ impl Ending {
             code: Some(CloseCode(reason.code())),
             reason: Cow::Borrowed(reason.as_str()),
             flush: reason == CloseReason::GoingAway,
-            hurry: reason == CloseReason::SlowConsumer,
         }
     }
 }
@@ -251,7 +247,6 @@ impl Connection<'_> {
                     code: frame.map(|frame| frame.code),
                     reason: Cow::Borrowed(""),
                     flush: false,
-                    hurry: false,
                 });
             }
             Message::Text(payload) if self.format == Format::Echo => {
@@ -346,13 +341,14 @@ impl Connection<'_> {
     }
 
     /// Sends the close frame (after the queued frames, for a graceful shutdown), closes the
-    /// write side, and waits briefly for the client to close its side.
+    /// write side, and waits briefly for the client to close its side. A slow consumer's queued
+    /// frames are dropped, and its close frame waits at most [`CLOSE_WRITE_TIMEOUT`] for room:
+    /// this costs only the connection's own task, never anyone else.
     async fn finish(mut self, mut stream: TcpStream, ending: Ending, guard: Registered<'_>) {
         let Ending::Close {
             code,
             reason,
             flush,
-            hurry,
         } = ending
         else {
             return;
@@ -371,11 +367,6 @@ impl Connection<'_> {
             None => encode_frame(OpCode::Close, &[]),
         };
         self.batch.push_back(close);
-        if hurry {
-            let _ = write_batch(&stream, &mut self.batch, &mut self.head_written);
-            drop(guard);
-            return;
-        }
         let written = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             loop {
                 match write_batch(&stream, &mut self.batch, &mut self.head_written) {

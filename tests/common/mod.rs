@@ -142,13 +142,14 @@ pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
     }
 }
 
-/// Asserts that no data frame arrives within `quiet`.
+/// Asserts that no data frame arrives within `quiet`, while answering pings meanwhile.
 pub async fn expect_silence(ws: &mut Ws, quiet: Duration) {
-    if let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await {
-        assert!(
-            matches!(message, Message::Ping(_) | Message::Pong(_)),
-            "expected nothing, got {message:?}"
-        );
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Ok(next) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match next {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected nothing, got {other:?}"),
+        }
     }
 }
 
