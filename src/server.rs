@@ -22,8 +22,10 @@ use crate::error::Result;
 use crate::http::{self, AppState};
 use crate::registry::{CloseReason, Registry};
 
-/// Largest request head (request line and headers) hyper buffers; more gets `431`.
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Largest request head (request line and headers) hyper buffers; hyper answers a larger one
+/// with an empty `414` or `431` itself. Heads below this but over [`http::MAX_URI_BYTES`] or
+/// [`http::MAX_HEADER_BYTES`] get our JSON reply.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Pause after an accept error such as running out of file descriptors, so the loop does not
 /// spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

@@ -159,3 +159,28 @@ async fn connection_limit_answers_503_and_recovers() {
     }
     assert!(recovered, "a slot frees up once a client leaves");
 }
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused() {
+    let server = TestServer::default().await;
+    let long_target = format!(
+        "GET /healthz?{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let (status, reply) = raw_exchange(server.addr, long_target.as_bytes()).await;
+    assert_eq!(status, 414);
+    assert!(reply.contains("uri_too_long"), "{reply}");
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let (status, reply) = raw_exchange(server.addr, big_header.as_bytes()).await;
+    assert_eq!(status, 431);
+    assert!(reply.contains("headers_too_large"), "{reply}");
+    // Past hyper's buffer the answer is hyper's own, still bounded.
+    let huge = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "c".repeat(70_000));
+    let (status, _) = raw_exchange(server.addr, huge.as_bytes()).await;
+    assert!(matches!(status, 414 | 431 | 400), "got {status}");
+    let mut http = server.http().await;
+    assert_eq!(http.get("/healthz").await.status, 200, "still serving");
+}

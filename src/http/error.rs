@@ -51,10 +51,21 @@ pub enum HttpError {
     /// No connection has the client id of a direct send.
     #[error("no connection has client id {0:?}")]
     ClientNotFound(String),
+    /// The request target is longer than [`MAX_URI_BYTES`].
+    #[error("request target longer than {MAX_URI_BYTES} bytes")]
+    UriTooLong,
+    /// The request headers add up to more than [`MAX_HEADER_BYTES`].
+    #[error("request headers larger than {MAX_HEADER_BYTES} bytes")]
+    HeadersTooLarge,
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
 }
+
+/// The longest request target (path and query) answered; longer ones get `414`.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names and values) answered; more get `431`.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 impl HttpError {
     /// The HTTP status for this error.
@@ -67,6 +78,8 @@ impl HttpError {
                 StatusCode::UPGRADE_REQUIRED
             }
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Handshake(_)
             | HttpError::InvalidQuery(_)
@@ -95,6 +108,8 @@ impl HttpError {
             HttpError::InvalidJson(_) => "invalid_json",
             HttpError::BodyRead => "body_read_error",
             HttpError::ClientNotFound(_) => "client_not_found",
+            HttpError::UriTooLong => "uri_too_long",
+            HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
         }
     }

@@ -29,7 +29,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::config::Config;
 use crate::registry::Registry;
 
-pub use error::{HttpError, json_response};
+pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
 
 /// What every request handler needs.
 #[derive(Debug)]
@@ -63,6 +63,7 @@ async fn route(
     state: &Arc<AppState>,
     slot: &ConnectionSlot,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
+    check_head_size(&req)?;
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let allow = |expected: &Method, allow: &'static str| {
@@ -107,6 +108,24 @@ async fn route(
             }
         }
     }
+}
+
+/// Refuses request heads over our limits with a JSON reply. (hyper itself answers heads larger
+/// than its read buffer, [`crate::server::MAX_REQUEST_HEAD`], with an empty `414`/`431`.)
+fn check_head_size<B>(req: &Request<B>) -> Result<(), HttpError> {
+    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        return Err(HttpError::UriTooLong);
+    }
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(HttpError::HeadersTooLarge);
+    }
+    Ok(())
 }
 
 fn text_response(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
