@@ -10,10 +10,11 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, Interest};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, Payload, Request};
@@ -68,6 +69,10 @@ pub async fn run(
             registry.queue_capacity(),
         );
     }
+    // Copy what hyper read past the request and let go of its buffer: `leftover` may be a
+    // slice of hyper's whole read buffer, which an idle connection must not keep alive.
+    let read_buf = (!leftover.is_empty()).then(|| BytesMut::from(&leftover[..]));
+    drop(leftover);
     let mut conn = Connection {
         registry: &registry,
         id: registration.id,
@@ -75,12 +80,14 @@ pub async fn run(
         client_id: session.client_id,
         format: session.format,
         decoder: Decoder::new(max_message_bytes),
-        read_buf: (!leftover.is_empty()).then(|| BytesMut::from(&leftover[..])),
+        read_buf,
         batch: VecDeque::new(),
         head_written: 0,
     };
     let ending = conn.serve(&stream).await;
-    conn.finish(stream, ending, guard).await;
+    // Boxed: the closing sequence (timers, a drain buffer) would otherwise be part of the
+    // state of every idle connection's future.
+    Box::pin(conn.finish(stream, ending, guard)).await;
 }
 
 /// Unregisters the connection when dropped, however the task ends.
@@ -93,6 +100,14 @@ impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.registry.unregister(self.id);
     }
+}
+
+/// What woke a waiting connection.
+enum Wake {
+    Readable,
+    Writable,
+    Frames,
+    Close(CloseReason),
 }
 
 /// How a connection ends.
@@ -160,27 +175,33 @@ impl Connection<'_> {
                 Ok(blocked) => blocked,
                 Err(_) => return Ending::Gone,
             };
-            let interest = if blocked {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            tokio::select! {
-                biased;
-                ready = stream.ready(interest) => {
-                    let Ok(ready) = ready else { return Ending::Gone };
-                    if ready.is_readable() || ready.is_read_closed() {
-                        if let Some(ending) = self.read(stream).await {
-                            return ending;
-                        }
+            match poll_fn(|cx| self.poll_wake(cx, stream, blocked)).await {
+                Wake::Readable => {
+                    if let Some(ending) = self.read(stream).await {
+                        return ending;
                     }
                 }
-                signal = poll_fn(|cx| self.outbox.poll_signal(cx, !blocked)) => {
-                    if let Signal::Close(reason) = signal {
-                        return Ending::server(reason);
-                    }
-                }
+                Wake::Writable | Wake::Frames => {}
+                Wake::Close(reason) => return Ending::server(reason),
             }
+        }
+    }
+
+    /// Waits until the socket is readable, writable again (when `blocked`), or the outbox has
+    /// something. Uses the socket's own readiness slots (`poll_read_ready`), which keeps this
+    /// future tiny and replaces the waker the HTTP task left there during the upgrade (which
+    /// would otherwise keep that finished task's memory alive for the connection's life).
+    fn poll_wake(&self, cx: &mut Context<'_>, stream: &TcpStream, blocked: bool) -> Poll<Wake> {
+        if stream.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(Wake::Readable);
+        }
+        if blocked && stream.poll_write_ready(cx).is_ready() {
+            return Poll::Ready(Wake::Writable);
+        }
+        match self.outbox.poll_signal(cx, !blocked) {
+            Poll::Ready(Signal::Frames) => Poll::Ready(Wake::Frames),
+            Poll::Ready(Signal::Close(reason)) => Poll::Ready(Wake::Close(reason)),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -267,7 +288,8 @@ impl Connection<'_> {
                 "json connections take text frames only",
             )),
             Message::Text(payload) => match std::str::from_utf8(&payload) {
-                Ok(text) => self.handle_request(text).await,
+                // Boxed for the same reason: a publish's state is needed only while it runs.
+                Ok(text) => Box::pin(self.handle_request(text)).await,
                 Err(_) => {
                     return Some(Ending::protocol(
                         CloseCode::INVALID_PAYLOAD,

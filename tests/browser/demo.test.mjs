@@ -60,7 +60,7 @@ function withArtifacts(fn) {
     try {
       await fn(t);
     } catch (err) {
-      await saveArtifacts(t.name).catch((e) => console.error(`# saving artifacts failed: ${e.message}`));
+      await saveArtifacts(t.name).catch((e) => console.error(`saving artifacts failed: ${e.message}`));
       throw err;
     }
   };
@@ -74,9 +74,9 @@ async function saveArtifacts(testName) {
     const base = path.join(ARTIFACTS, `${stamp}-${safe}-${id}`);
     try {
       await page.screenshot({ path: `${base}.png`, fullPage: true, timeout: TIMEOUT });
-      console.error(`# screenshot: ${base}.png`);
+      console.error(`screenshot: ${base}.png`);
     } catch (e) {
-      console.error(`# screenshot of ${id} failed: ${e.message}`);
+      console.error(`screenshot of ${id} failed: ${e.message}`);
     }
     if (logs.length) {
       await writeFile(`${base}.console.txt`, logs.join('\n') + '\n').catch(() => {});
@@ -237,4 +237,31 @@ test('server error frames are shown in #errors and the connection stays open', w
   await waitForText(alice, '#room-state', 'still in room:lobby', 'room kept after failed join');
   await chat(alice, 'still here');
   await waitForEntry(alice, '#chat-log', 'alice', 'still here', 'chat after error');
+}));
+
+test('HTTP broadcasts and HTTP direct messages are shown', withArtifacts(async () => {
+  const alice = clients.get('alice')?.page ?? (await openClient('alice'));
+  const bob = clients.get('bob')?.page ?? (await openClient('bob'));
+  await waitForText(alice, '#status', 'connected', 'alice connected');
+  await waitForText(bob, '#status', 'connected', 'bob connected');
+
+  const post = async (p, body) => {
+    const res = await fetch(`${HERALD_URL}${p}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(TIMEOUT),
+    });
+    const text = await res.text();
+    assert.ok(res.ok, `POST ${p} answered ${res.status}: ${text}`);
+  };
+
+  await post('/api/broadcast', { maintenance: 'at noon' });
+  await waitForText(alice, '#notifications', ['broadcast', 'at noon'], 'alice broadcast');
+  await waitForText(bob, '#notifications', ['broadcast', 'at noon'], 'bob broadcast');
+
+  await post('/api/send/bob', { text: 'from the API' });
+  await waitForEntry(bob, '#dm-log', '(HTTP API)', 'from the API', 'bob gets the API direct message');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(await alice.locator('#dm-log > li.incoming').count(), 0, 'alice received no incoming DM');
 }));
