@@ -126,6 +126,6 @@ fn is_json_media_type(content_type: &str) -> bool {
 
 /// Percent-decodes one path segment; invalid UTF-8 after decoding is kept lossy, which then
 /// fails name validation with a clear error.
-fn decode_segment(segment: &str) -> Cow<'_, str> {
+pub fn decode_segment(segment: &str) -> Cow<'_, str> {
     percent_encoding::percent_decode_str(segment).decode_utf8_lossy()
 }

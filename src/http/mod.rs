@@ -29,7 +29,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::config::Config;
 use crate::registry::Registry;
 
+pub use api::decode_segment;
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
+pub use upgrade::parse_query;
 
 /// What every request handler needs.
 #[derive(Debug)]

@@ -78,7 +78,10 @@ pub fn websocket(
 
 /// Reads `channels`, `client_id` and `format` from the `/ws` query. Unknown parameters are
 /// ignored, so clients may add their own (a cache buster, say).
-fn parse_query(query: &str, config: &crate::config::Config) -> Result<Session, HttpError> {
+///
+/// # Errors
+/// The first invalid parameter, as an [`HttpError`] (all of them answer `400`).
+pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Session, HttpError> {
     let mut channels: Vec<String> = Vec::new();
     let mut client_id = None;
     let mut format = Format::Json;
