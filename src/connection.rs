@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::protocol::{self, Payload, Request};
 use crate::registry::{
@@ -44,20 +45,18 @@ pub struct Session {
     pub channels: Vec<String>,
 }
 
-/// Serves one upgraded connection until it closes. `leftover` holds bytes the HTTP layer read
-/// past the upgrade request.
-pub async fn run(
+/// Registers an upgraded connection and spawns the task that serves it until it closes.
+/// `leftover` holds bytes the HTTP layer read past the upgrade request; `permit` is the
+/// connection's slot under `--max-connections`, released when the task ends.
+pub fn spawn(
     stream: TcpStream,
-    leftover: Bytes,
-    registry: Registry,
+    leftover: &[u8],
+    registry: &Registry,
     max_message_bytes: usize,
     session: Session,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     let registration = registry.register(Arc::clone(&session.client_id), session.format);
-    let guard = Registered {
-        registry: &registry,
-        id: registration.id,
-    };
     for channel in &session.channels {
         if let Err(err) = registry.subscribe(registration.id, channel) {
             tracing::debug!(%err, channel, "initial subscription refused");
@@ -69,37 +68,20 @@ pub async fn run(
             registry.queue_capacity(),
         );
     }
-    // Copy what hyper read past the request and let go of its buffer: `leftover` may be a
-    // slice of hyper's whole read buffer, which an idle connection must not keep alive.
-    let read_buf = (!leftover.is_empty()).then(|| BytesMut::from(&leftover[..]));
-    drop(leftover);
-    let mut conn = Connection {
-        registry: &registry,
+    let conn = Connection {
+        stream,
+        registry: registry.clone(),
         id: registration.id,
         outbox: registration.outbox,
         client_id: session.client_id,
         format: session.format,
         decoder: Decoder::new(max_message_bytes),
-        read_buf,
+        read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
         batch: VecDeque::new(),
         head_written: 0,
+        _permit: permit,
     };
-    let ending = conn.serve(&stream).await;
-    // Boxed: the closing sequence (timers, a drain buffer) would otherwise be part of the
-    // state of every idle connection's future.
-    Box::pin(conn.finish(stream, ending, guard)).await;
-}
-
-/// Unregisters the connection when dropped, however the task ends.
-struct Registered<'a> {
-    registry: &'a Registry,
-    id: ConnId,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.registry.unregister(self.id);
-    }
+    tokio::spawn(conn.run());
 }
 
 /// What woke a waiting connection.
@@ -143,8 +125,11 @@ impl Ending {
     }
 }
 
-struct Connection<'a> {
-    registry: &'a Registry,
+/// Everything one connection keeps, in the one struct its task owns. Kept small on purpose:
+/// every idle connection pays for each field.
+struct Connection {
+    stream: TcpStream,
+    registry: Registry,
     id: ConnId,
     outbox: Arc<Outbox>,
     client_id: Arc<str>,
@@ -156,14 +141,37 @@ struct Connection<'a> {
     batch: VecDeque<Bytes>,
     /// Bytes of `batch[0]` already written.
     head_written: usize,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Connection<'_> {
-    async fn serve(&mut self, stream: &TcpStream) -> Ending {
-        if self.read_buf.is_some() {
-            if let Some(ending) = self.process_input().await {
-                return ending;
-            }
+/// Unregisters the connection however its task ends (a repeated unregister is a no-op).
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.registry.unregister(self.id);
+    }
+}
+
+/// What [`Connection::process_input`] stopped at.
+enum Input {
+    /// Everything buffered is handled.
+    Done,
+    /// A request that needs an `.await` (its text frame's payload).
+    Request(Bytes),
+    /// The connection must end.
+    End(Ending),
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let ending = self.serve().await;
+        // Boxed: the closing sequence (timers, a drain buffer) would otherwise be part of the
+        // state of every idle connection's future.
+        Box::pin(self.finish(ending)).await;
+    }
+
+    async fn serve(&mut self) -> Ending {
+        if let Some(ending) = self.drain_input().await {
+            return ending;
         }
         loop {
             // Checked on every turn, so a client that keeps the socket readable cannot hold
@@ -171,13 +179,16 @@ impl Connection<'_> {
             if let Some(reason) = self.outbox.close_reason() {
                 return Ending::server(reason);
             }
-            let blocked = match self.write_queued(stream) {
+            let blocked = match self.write_queued() {
                 Ok(blocked) => blocked,
                 Err(_) => return Ending::Gone,
             };
-            match poll_fn(|cx| self.poll_wake(cx, stream, blocked)).await {
+            match poll_fn(|cx| self.poll_wake(cx, blocked)).await {
                 Wake::Readable => {
-                    if let Some(ending) = self.read(stream).await {
+                    if let Some(ending) = self.read() {
+                        return ending;
+                    }
+                    if let Some(ending) = self.drain_input().await {
                         return ending;
                     }
                 }
@@ -187,15 +198,28 @@ impl Connection<'_> {
         }
     }
 
+    /// Handles every complete message buffered, awaiting the requests that need it.
+    async fn drain_input(&mut self) -> Option<Ending> {
+        loop {
+            match self.process_input() {
+                Input::Done => return None,
+                Input::End(ending) => return Some(ending),
+                // Boxed: a publish's state is needed only while it runs, not in every idle
+                // connection's future.
+                Input::Request(payload) => Box::pin(self.handle_request(payload)).await,
+            }
+        }
+    }
+
     /// Waits until the socket is readable, writable again (when `blocked`), or the outbox has
     /// something. Uses the socket's own readiness slots (`poll_read_ready`), which keeps this
     /// future tiny and replaces the waker the HTTP task left there during the upgrade (which
     /// would otherwise keep that finished task's memory alive for the connection's life).
-    fn poll_wake(&self, cx: &mut Context<'_>, stream: &TcpStream, blocked: bool) -> Poll<Wake> {
-        if stream.poll_read_ready(cx).is_ready() {
+    fn poll_wake(&self, cx: &mut Context<'_>, blocked: bool) -> Poll<Wake> {
+        if self.stream.poll_read_ready(cx).is_ready() {
             return Poll::Ready(Wake::Readable);
         }
-        if blocked && stream.poll_write_ready(cx).is_ready() {
+        if blocked && self.stream.poll_write_ready(cx).is_ready() {
             return Poll::Ready(Wake::Writable);
         }
         match self.outbox.poll_signal(cx, !blocked) {
@@ -207,7 +231,7 @@ impl Connection<'_> {
 
     /// Writes queued frames until the outbox is empty or the socket is full. Returns whether
     /// the socket is full with frames still waiting.
-    fn write_queued(&mut self, stream: &TcpStream) -> io::Result<bool> {
+    fn write_queued(&mut self) -> io::Result<bool> {
         loop {
             if self.batch.is_empty() {
                 self.outbox.take_batch(&mut self.batch);
@@ -217,54 +241,56 @@ impl Connection<'_> {
                     return Ok(false);
                 }
             }
-            if !write_batch(stream, &mut self.batch, &mut self.head_written)? {
+            if !write_batch(&self.stream, &mut self.batch, &mut self.head_written)? {
                 return Ok(true);
             }
             self.outbox.finish_batch();
         }
     }
 
-    /// Reads what the socket has and handles every complete message in it.
-    async fn read(&mut self, stream: &TcpStream) -> Option<Ending> {
+    /// Reads what the socket has into the read buffer.
+    fn read(&mut self) -> Option<Ending> {
         let buf = self
             .read_buf
             .get_or_insert_with(|| BytesMut::with_capacity(READ_CHUNK));
         buf.reserve(READ_CHUNK);
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Some(Ending::Gone),
-            Ok(_) => self.outbox.touch(self.registry.now_ms()),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Some(Ending::Gone),
+        match self.stream.try_read_buf(buf) {
+            Ok(0) => Some(Ending::Gone),
+            Ok(_) => {
+                self.outbox.touch(self.registry.now_ms());
+                None
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,
+            Err(_) => Some(Ending::Gone),
         }
-        self.process_input().await
     }
 
-    /// Decodes and handles every complete message in the read buffer, then frees the buffer if
-    /// nothing is left in it.
-    async fn process_input(&mut self) -> Option<Ending> {
-        loop {
-            let buf = self.read_buf.as_mut()?;
+    /// Decodes and handles buffered messages until one needs an `.await` or none is left; then
+    /// frees the read buffer if nothing is left in it.
+    fn process_input(&mut self) -> Input {
+        while let Some(buf) = self.read_buf.as_mut() {
             let message = match self.decoder.decode(buf) {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
-                Err(err) => return Some(Ending::protocol(err.close_code(), err.to_string())),
+                Err(err) => return Input::End(Ending::protocol(err.close_code(), err.to_string())),
             };
-            if let Some(ending) = self.handle(message).await {
-                return Some(ending);
+            match self.handle(message) {
+                Input::Done => {}
+                other => return other,
             }
         }
         if self.read_buf.as_ref().is_some_and(BytesMut::is_empty) {
             self.read_buf = None;
         }
-        None
+        Input::Done
     }
 
-    async fn handle(&mut self, message: Message) -> Option<Ending> {
+    fn handle(&mut self, message: Message) -> Input {
         match message {
             Message::Ping(payload) => self.reply(encode_frame(OpCode::Pong, &payload)),
             Message::Pong(_) => {}
             Message::Close(frame) => {
-                return Some(Ending::Close {
+                return Input::End(Ending::Close {
                     code: frame.map(|frame| frame.code),
                     reason: Cow::Borrowed(""),
                     flush: false,
@@ -277,7 +303,7 @@ impl Connection<'_> {
                 self.reply(encode_frame(OpCode::Binary, &payload));
             }
             Message::Text(_) | Message::Binary(_) if self.format == Format::Raw => {
-                return Some(Ending::protocol(
+                return Input::End(Ending::protocol(
                     CloseCode::UNSUPPORTED_DATA,
                     "raw connections are receive-only",
                 ));
@@ -287,21 +313,17 @@ impl Connection<'_> {
                 "binary_not_supported",
                 "json connections take text frames only",
             )),
-            Message::Text(payload) => match std::str::from_utf8(&payload) {
-                // Boxed for the same reason: a publish's state is needed only while it runs.
-                Ok(text) => Box::pin(self.handle_request(text)).await,
-                Err(_) => {
-                    return Some(Ending::protocol(
-                        CloseCode::INVALID_PAYLOAD,
-                        "invalid UTF-8",
-                    ));
-                }
-            },
+            Message::Text(payload) => return Input::Request(payload),
         }
-        None
+        Input::Done
     }
 
-    async fn handle_request(&mut self, text: &str) {
+    /// Carries out one request from a json client and queues the reply.
+    async fn handle_request(&mut self, payload: Bytes) {
+        let Ok(text) = std::str::from_utf8(&payload) else {
+            // The decoder validated it; nothing to do if that ever changed.
+            return;
+        };
         let parsed = protocol::parse_request(text);
         let id = parsed.id;
         let request = match parsed.request {
@@ -366,7 +388,7 @@ impl Connection<'_> {
     /// write side, and waits briefly for the client to close its side. A slow consumer's queued
     /// frames are dropped, and its close frame waits at most [`CLOSE_WRITE_TIMEOUT`] for room:
     /// this costs only the connection's own task, never anyone else.
-    async fn finish(mut self, mut stream: TcpStream, ending: Ending, guard: Registered<'_>) {
+    async fn finish(&mut self, ending: Ending) {
         let Ending::Close {
             code,
             reason,
@@ -391,10 +413,10 @@ impl Connection<'_> {
         self.batch.push_back(close);
         let written = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             loop {
-                match write_batch(&stream, &mut self.batch, &mut self.head_written) {
+                match write_batch(&self.stream, &mut self.batch, &mut self.head_written) {
                     Ok(true) => return true,
                     Ok(false) => {
-                        if stream.writable().await.is_err() {
+                        if self.stream.writable().await.is_err() {
                             return false;
                         }
                     }
@@ -406,11 +428,12 @@ impl Connection<'_> {
         if !matches!(written, Ok(true)) {
             return;
         }
-        let _ = stream.shutdown().await;
-        drop(guard);
+        let _ = self.stream.shutdown().await;
+        // The close is sent: the connection is gone as far as everyone else is concerned.
+        self.registry.unregister(self.id);
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            let mut sink = [0u8; 512];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            let mut sink = vec![0u8; 512];
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
         })
         .await;
     }

@@ -47,8 +47,9 @@ pub fn websocket(
     let permit = slot.lock().take();
     let registry = state.registry.clone();
     let max_message_bytes = state.config.max_message_bytes;
+    // This task only waits for the upgrade; the connection gets a task of its own, so that
+    // nothing of this one stays alive for the connection's lifetime.
     tokio::spawn(async move {
-        let _permit = permit;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
@@ -57,10 +58,14 @@ pub fn websocket(
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
-                connection::run(stream, parts.read_buf, registry, max_message_bytes, session).await;
-            }
+            Ok(parts) => connection::spawn(
+                parts.io.into_inner(),
+                &parts.read_buf,
+                &registry,
+                max_message_bytes,
+                session,
+                permit,
+            ),
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
     });
