@@ -102,7 +102,9 @@ enum Ending {
         /// The close frame's payload; `None` for an empty close frame.
         code: Option<CloseCode>,
         reason: Cow<'static, str>,
-        /// Deliver the frames still queued first (a graceful shutdown).
+        /// Deliver the frames still queued first. True for every close except a slow
+        /// consumer's (whose queue is the problem): replies and echoes to messages the client
+        /// sent before a protocol error or its close frame are still its due.
         flush: bool,
     },
 }
@@ -112,7 +114,7 @@ impl Ending {
         Ending::Close {
             code: Some(code),
             reason: reason.into(),
-            flush: false,
+            flush: true,
         }
     }
 
@@ -120,7 +122,7 @@ impl Ending {
         Ending::Close {
             code: Some(CloseCode(reason.code())),
             reason: Cow::Borrowed(reason.as_str()),
-            flush: reason == CloseReason::GoingAway,
+            flush: reason != CloseReason::SlowConsumer,
         }
     }
 }
@@ -293,7 +295,7 @@ impl Connection {
                 return Input::End(Ending::Close {
                     code: frame.map(|frame| frame.code),
                     reason: Cow::Borrowed(""),
-                    flush: false,
+                    flush: true,
                 });
             }
             Message::Text(payload) if self.format == Format::Echo => {
