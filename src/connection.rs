@@ -14,10 +14,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::registry::{
     CloseReason, ConnId, Format, Outbox, Push, Registry, Signal, SubscribeError,
@@ -99,6 +101,8 @@ enum Ending {
     Gone,
     /// Send a close frame, then close.
     Close {
+        /// Why, for the metrics.
+        by: ClosedBy,
         /// The close frame's payload; `None` for an empty close frame.
         code: Option<CloseCode>,
         reason: Cow<'static, str>,
@@ -112,6 +116,7 @@ enum Ending {
 impl Ending {
     fn protocol(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Self {
         Ending::Close {
+            by: ClosedBy::ProtocolError,
             code: Some(code),
             reason: reason.into(),
             flush: true,
@@ -120,6 +125,11 @@ impl Ending {
 
     fn server(reason: CloseReason) -> Self {
         Ending::Close {
+            by: match reason {
+                CloseReason::SlowConsumer => ClosedBy::SlowConsumer,
+                CloseReason::IdleTimeout => ClosedBy::IdleTimeout,
+                CloseReason::GoingAway => ClosedBy::Shutdown,
+            },
             code: Some(CloseCode(reason.code())),
             reason: Cow::Borrowed(reason.as_str()),
             flush: reason != CloseReason::SlowConsumer,
@@ -166,6 +176,11 @@ enum Input {
 impl Connection {
     async fn run(mut self) {
         let ending = self.serve().await;
+        let by = match ending {
+            Ending::Gone => ClosedBy::PeerGone,
+            Ending::Close { by, .. } => by,
+        };
+        self.registry.metrics().record_close(by);
         // Boxed: the closing sequence (timers, a drain buffer) would otherwise be part of the
         // state of every idle connection's future.
         Box::pin(self.finish(ending)).await;
@@ -242,8 +257,11 @@ impl Connection {
                     self.batch = VecDeque::new();
                     return Ok(false);
                 }
+                let metrics = self.registry.metrics();
+                metrics.queue_depth.observe(self.batch.len() as f64);
             }
-            if !write_batch(&self.stream, &mut self.batch, &mut self.head_written)? {
+            let sent = &self.registry.metrics().bytes_sent;
+            if !write_batch(&self.stream, &mut self.batch, &mut self.head_written, sent)? {
                 return Ok(true);
             }
             self.outbox.finish_batch();
@@ -258,7 +276,8 @@ impl Connection {
         buf.reserve(READ_CHUNK);
         match self.stream.try_read_buf(buf) {
             Ok(0) => Some(Ending::Gone),
-            Ok(_) => {
+            Ok(read) => {
+                self.registry.metrics().bytes_received.inc_by(read as u64);
                 self.outbox.touch(self.registry.now_ms());
                 None
             }
@@ -293,6 +312,7 @@ impl Connection {
             Message::Pong(_) => {}
             Message::Close(frame) => {
                 return Input::End(Ending::Close {
+                    by: ClosedBy::ClientClose,
                     code: frame.map(|frame| frame.code),
                     reason: Cow::Borrowed(""),
                     flush: true,
@@ -382,6 +402,7 @@ impl Connection {
     /// frame, so a client that floods requests without reading is dropped as a slow consumer.
     fn reply(&self, frame: Bytes) {
         if self.outbox.push(frame, self.registry.queue_capacity()) == Push::Overflowed {
+            self.registry.metrics().slow_consumer_drops.inc();
             tracing::warn!(client_id = %self.client_id, "dropping slow consumer: its queue is full");
         }
     }
@@ -395,6 +416,7 @@ impl Connection {
             code,
             reason,
             flush,
+            ..
         } = ending
         else {
             return;
@@ -415,7 +437,8 @@ impl Connection {
         self.batch.push_back(close);
         let written = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             loop {
-                match write_batch(&self.stream, &mut self.batch, &mut self.head_written) {
+                let sent = &self.registry.metrics().bytes_sent;
+                match write_batch(&self.stream, &mut self.batch, &mut self.head_written, sent) {
                     Ok(true) => return true,
                     Ok(false) => {
                         if self.stream.writable().await.is_err() {
@@ -447,6 +470,7 @@ fn write_batch(
     stream: &TcpStream,
     batch: &mut VecDeque<Bytes>,
     head_written: &mut usize,
+    sent: &IntCounter,
 ) -> io::Result<bool> {
     while !batch.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -462,7 +486,10 @@ fn write_batch(
         }
         let mut written = match stream.try_write_vectored(&slices[..count]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => written,
+            Ok(written) => {
+                sent.inc_by(written as u64);
+                written
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(err) => return Err(err),
         };

@@ -12,12 +12,14 @@
 //! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
 //! - [`name`]: channel name and client id rules.
+//! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`config`]: every limit, with its default and the reason for it.
 
 pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod name;
 pub mod protocol;
 pub mod registry;

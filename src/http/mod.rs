@@ -11,6 +11,7 @@
 //! | `/api/broadcast` | POST | send the body to every connection |
 //! | `/api/channels` | GET | channels with subscribers |
 //! | `/api/stats` | GET | connection and delivery counters |
+//! | `/metrics` | GET | Prometheus metrics |
 
 mod api;
 mod error;
@@ -89,6 +90,12 @@ async fn route(
         "/api/channels" => {
             allow(&Method::GET, "GET")?;
             Ok(api::channels(state))
+        }
+        "/metrics" => {
+            allow(&Method::GET, "GET")?;
+            let mut response = text_response("text/plain; version=0.0.4; charset=utf-8", "");
+            *response.body_mut() = Full::new(Bytes::from(state.registry.render_metrics()));
+            Ok(response)
         }
         "/api/stats" => {
             allow(&Method::GET, "GET")?;

@@ -86,6 +86,20 @@ impl ChannelTable {
         channels
     }
 
+    /// How many channels have at least one subscriber.
+    pub fn active(&self) -> usize {
+        self.stripes
+            .iter()
+            .map(|stripe| {
+                stripe
+                    .lock()
+                    .values()
+                    .filter(|state| state.subscribers > 0)
+                    .count()
+            })
+            .sum()
+    }
+
     /// Forgets channels without subscribers that nobody touched for [`RETENTION_MS`].
     pub fn sweep(&self, now_ms: u64) {
         for stripe in self.stripes.iter() {

@@ -10,13 +10,14 @@ pub mod outbox;
 mod shard;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::protocol::{self, Payload};
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{OpCode, encode_frame};
@@ -82,17 +83,7 @@ pub struct PublishReceipt {
     pub subscribers: u64,
 }
 
-/// Counters kept by the registry (read by `/api/stats`).
-#[derive(Debug, Default)]
-pub struct Stats {
-    connections_opened: AtomicU64,
-    connections_closed: AtomicU64,
-    publishes: AtomicU64,
-    deliveries: AtomicU64,
-    slow_consumer_drops: AtomicU64,
-}
-
-/// A point-in-time copy of [`Stats`].
+/// The main counters, for `/api/stats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct StatsSnapshot {
     /// Connections open now.
@@ -107,18 +98,6 @@ pub struct StatsSnapshot {
     pub deliveries: u64,
     /// Connections dropped because their queue overflowed.
     pub slow_consumer_drops: u64,
-}
-
-impl Stats {
-    fn record_deliveries(&self, queued: u64, overflowed: u64) {
-        if queued > 0 {
-            self.deliveries.fetch_add(queued, Ordering::Relaxed);
-        }
-        if overflowed > 0 {
-            self.slow_consumer_drops
-                .fetch_add(overflowed, Ordering::Relaxed);
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -145,7 +124,7 @@ struct Inner {
     channels: ChannelTable,
     limits: Limits,
     clock: Clock,
-    stats: Stats,
+    metrics: Metrics,
     /// Round-robin cursor for placing new connections.
     next_shard: AtomicUsize,
     /// Registered connections; [`Registry::drained`] waits for zero.
@@ -184,7 +163,7 @@ impl Registry {
                 idle_timeout_ms: duration_ms(config.idle_timeout),
             },
             clock: Clock(Instant::now()),
-            stats: Stats::default(),
+            metrics: Metrics::new(),
             next_shard: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -231,10 +210,7 @@ impl Registry {
         }
         drop(state);
         inner.live.fetch_add(1, Ordering::Relaxed);
-        inner
-            .stats
-            .connections_opened
-            .fetch_add(1, Ordering::Relaxed);
+        inner.metrics.connections_opened.inc();
         Registration {
             id: ConnId {
                 shard: shard_index as u32,
@@ -265,13 +241,11 @@ impl Registry {
                     .count_subscriber(channel, entry.format == Format::Raw, -1, now);
             }
             ShardState::index_remove(&mut state.clients, &entry.client_id, key);
+            entry.subscriptions.len()
         });
-        if removed.is_some() {
+        if let Some(subscriptions) = removed {
             let inner = &*self.inner;
-            inner
-                .stats
-                .connections_closed
-                .fetch_add(1, Ordering::Relaxed);
+            inner.metrics.subscriptions.sub(subscriptions as i64);
             if inner.live.fetch_sub(1, Ordering::AcqRel) == 1 {
                 inner.drained.notify_waiters();
             }
@@ -300,6 +274,7 @@ impl Registry {
             let raw = entry.format == Format::Raw;
             ShardState::index_add(&mut state.channels, &channel, key);
             self.inner.channels.count_subscriber(&channel, raw, 1, now);
+            self.inner.metrics.subscriptions.inc();
             Ok(true)
         })
         .unwrap_or(Err(SubscribeError::Gone))
@@ -317,6 +292,7 @@ impl Registry {
             let raw = entry.format == Format::Raw;
             ShardState::index_remove(&mut state.channels, &channel, key);
             self.inner.channels.count_subscriber(&channel, raw, -1, now);
+            self.inner.metrics.subscriptions.dec();
             true
         })
         .unwrap_or(false)
@@ -371,13 +347,14 @@ impl Registry {
                 json: protocol::message_frame(channel, receipt.offset, from, payload),
                 channel: Some(name),
                 raw,
+                published_at: Instant::now(),
             });
             for permit in permits {
                 permit.send(Arc::clone(&delivery));
             }
         }
         drop(stripe);
-        inner.stats.publishes.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.publishes.inc();
         Ok(receipt)
     }
 
@@ -390,6 +367,7 @@ impl Registry {
             channel: None,
             json: protocol::broadcast_frame(payload),
             raw: Some(raw_frame(payload)),
+            published_at: Instant::now(),
         });
         for shard in self.inner.shards.iter() {
             shard
@@ -416,13 +394,14 @@ impl Registry {
                 } else {
                     &json
                 };
-                if entry.outbox.push(frame.clone(), capacity) == Push::Overflowed {
-                    self.inner.stats.record_deliveries(0, 1);
+                match entry.outbox.push(frame.clone(), capacity) {
+                    Push::Queued => self.inner.metrics.deliveries.inc(),
+                    Push::Overflowed => self.inner.metrics.slow_consumer_drops.inc(),
+                    Push::Closing => {}
                 }
                 reached += 1;
             }
         }
-        self.inner.stats.record_deliveries(reached, 0);
         reached
     }
 
@@ -461,17 +440,29 @@ impl Registry {
         }
     }
 
-    /// A copy of the counters.
+    /// The metrics, for recording and for `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// `/metrics`: refreshes the derived gauges and renders every metric.
+    pub fn render_metrics(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics.connections.set(self.len() as i64);
+        metrics.channels.set(self.inner.channels.active() as i64);
+        metrics.render()
+    }
+
+    /// A copy of the main counters.
     pub fn stats(&self) -> StatsSnapshot {
-        let stats = &self.inner.stats;
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let metrics = &self.inner.metrics;
         StatsSnapshot {
             connections: self.len() as u64,
-            connections_opened: load(&stats.connections_opened),
-            connections_closed: load(&stats.connections_closed),
-            publishes: load(&stats.publishes),
-            deliveries: load(&stats.deliveries),
-            slow_consumer_drops: load(&stats.slow_consumer_drops),
+            connections_opened: metrics.connections_opened.get(),
+            connections_closed: metrics.connections_closed_total(),
+            publishes: metrics.publishes.get(),
+            deliveries: metrics.deliveries.get(),
+            slow_consumer_drops: metrics.slow_consumer_drops.get(),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -25,6 +25,8 @@ pub struct Delivery {
     pub json: Bytes,
     /// The frame for raw connections; `None` when the publish found no raw subscriber.
     pub raw: Option<Bytes>,
+    /// When the publish was made, for the publish-to-enqueue latency.
+    pub published_at: Instant,
 }
 
 impl Delivery {
@@ -145,9 +147,14 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
                     }
                     None => state.conns.iter().for_each(|(_, entry)| push(entry)),
                 }
+                inner
+                    .metrics
+                    .publish_to_enqueue
+                    .observe(delivery.published_at.elapsed().as_secs_f64());
             }
         }
-        inner.stats.record_deliveries(queued, overflowed);
+        inner.metrics.deliveries.inc_by(queued);
+        inner.metrics.slow_consumer_drops.inc_by(overflowed);
     }
 }
 
