@@ -507,3 +507,36 @@ fn write_batch(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Every idle connection pays for its task's future: keep it small.
+    #[tokio::test]
+    async fn idle_connection_state_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let registry = Registry::new(&Config::default());
+        let registration = registry.register(Arc::from("a"), Format::Json);
+        let conn = Connection {
+            stream: client,
+            registry: registry.clone(),
+            id: registration.id,
+            outbox: registration.outbox,
+            client_id: Arc::from("a"),
+            format: Format::Json,
+            decoder: Decoder::new(1024),
+            read_buf: None,
+            batch: VecDeque::new(),
+            head_written: 0,
+            _permit: None,
+        };
+        let future = conn.run();
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 512, "an idle connection's future is {size} bytes");
+    }
+}
