@@ -24,7 +24,7 @@ use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
 pub use outbox::{CloseReason, Outbox, Push, Signal};
-use shard::{Delivery, Entry, Shard, ShardState};
+use shard::{Delivery, Entry, Keys, Shard, ShardState};
 
 /// How a connection wants its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +269,11 @@ impl Registry {
             if entry.subscriptions.len() >= limit {
                 return Err(SubscribeError::TooMany(limit));
             }
-            let channel: Arc<str> = Arc::from(channel);
+            let channel = state.intern_channel(channel);
+            let entry = &mut state.conns[key as usize];
+            // Grown one at a time: most connections subscribe to a handful of channels, and
+            // every idle connection pays for spare capacity.
+            entry.subscriptions.reserve_exact(1);
             entry.subscriptions.push(Arc::clone(&channel));
             let raw = entry.format == Format::Raw;
             ShardState::index_add(&mut state.channels, &channel, key);
@@ -387,7 +391,12 @@ impl Registry {
         let mut reached = 0;
         for shard in self.inner.shards.iter() {
             let state = shard.state.lock();
-            for &key in state.clients.get(client_id).into_iter().flatten() {
+            for key in state
+                .clients
+                .get(client_id)
+                .into_iter()
+                .flat_map(Keys::iter)
+            {
                 let entry = &state.conns[key as usize];
                 let frame = if entry.format == Format::Raw {
                     &raw

@@ -53,34 +53,81 @@ pub struct Entry {
     pub pinged_ms: u64,
 }
 
+/// Slab keys filed under one name. Most client ids have a single connection, so one key is
+/// kept inline and only a second one allocates.
+#[derive(Debug)]
+pub enum Keys {
+    /// Exactly one key.
+    One(u32),
+    /// Two or more keys (never fewer: a `Many` shrinking to one stays `Many`).
+    Many(Vec<u32>),
+}
+
+impl Keys {
+    fn push(&mut self, key: u32) {
+        match self {
+            Keys::One(first) => *self = Keys::Many(vec![*first, key]),
+            Keys::Many(keys) => keys.push(key),
+        }
+    }
+
+    /// Removes `key`; returns whether no key is left.
+    fn remove(&mut self, key: u32) -> bool {
+        match self {
+            Keys::One(only) => *only == key,
+            Keys::Many(keys) => {
+                if let Some(at) = keys.iter().position(|&k| k == key) {
+                    keys.swap_remove(at);
+                }
+                keys.is_empty()
+            }
+        }
+    }
+
+    /// Every key.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let slice = match self {
+            Keys::One(key) => std::slice::from_ref(key),
+            Keys::Many(keys) => keys.as_slice(),
+        };
+        slice.iter().copied()
+    }
+}
+
 /// The shard's data, behind one lock that is never held across an `.await` or a socket write.
 #[derive(Debug, Default)]
 pub struct ShardState {
     pub conns: Slab<Entry>,
     /// Channel name to the slab keys of this shard's subscribers.
-    pub channels: HashMap<Arc<str>, Vec<u32>>,
+    pub channels: HashMap<Arc<str>, Keys>,
     /// Client id to the slab keys of that client's connections on this shard.
-    pub clients: HashMap<Arc<str>, Vec<u32>>,
+    pub clients: HashMap<Arc<str>, Keys>,
     pub next_generation: u32,
 }
 
 impl ShardState {
     /// Adds `key` to the index under `name`.
-    pub fn index_add(index: &mut HashMap<Arc<str>, Vec<u32>>, name: &Arc<str>, key: u32) {
-        index.entry(Arc::clone(name)).or_default().push(key);
+    pub fn index_add(index: &mut HashMap<Arc<str>, Keys>, name: &Arc<str>, key: u32) {
+        match index.get_mut(&**name) {
+            Some(keys) => keys.push(key),
+            None => {
+                index.insert(Arc::clone(name), Keys::One(key));
+            }
+        }
     }
 
     /// Removes `key` from the index under `name`, dropping the name once it has no keys.
-    pub fn index_remove(index: &mut HashMap<Arc<str>, Vec<u32>>, name: &str, key: u32) {
-        let Some(keys) = index.get_mut(name) else {
-            return;
-        };
-        if let Some(at) = keys.iter().position(|&k| k == key) {
-            keys.swap_remove(at);
-        }
-        if keys.is_empty() {
+    pub fn index_remove(index: &mut HashMap<Arc<str>, Keys>, name: &str, key: u32) {
+        if index.get_mut(name).is_some_and(|keys| keys.remove(key)) {
             index.remove(name);
         }
+    }
+
+    /// The shard's own copy of a channel name, so that its subscribers share one allocation.
+    pub fn intern_channel(&self, channel: &str) -> Arc<str> {
+        self.channels
+            .get_key_value(channel)
+            .map_or_else(|| Arc::from(channel), |(name, _)| Arc::clone(name))
     }
 }
 
@@ -141,7 +188,7 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
                 };
                 match &delivery.channel {
                     Some(channel) => {
-                        for &key in state.channels.get(channel).into_iter().flatten() {
+                        for key in state.channels.get(channel).into_iter().flat_map(Keys::iter) {
                             push(&state.conns[key as usize]);
                         }
                     }
