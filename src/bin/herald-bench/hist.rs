@@ -124,10 +124,23 @@ mod tests {
 
     #[test]
     fn buckets_bound_the_error() {
-        for value in [0, 1, 255, 256, 257, 1000, 123_456, 9_999_999_999, u64::MAX / 3] {
+        for value in [
+            0,
+            1,
+            255,
+            256,
+            257,
+            1000,
+            123_456,
+            9_999_999_999,
+            u64::MAX / 3,
+        ] {
             let upper = Histogram::upper(Histogram::index(value));
             assert!(upper >= value, "{value} -> {upper}");
-            assert!((upper - value) as f64 <= value as f64 / 128.0 + 1.0, "{value} -> {upper}");
+            assert!(
+                (upper - value) as f64 <= value as f64 / 128.0 + 1.0,
+                "{value} -> {upper}"
+            );
         }
     }
 

@@ -34,10 +34,12 @@ impl Report {
     /// Sets `key` to `value` rounded to `digits` decimals (finite values only; else null).
     pub fn set_f(&mut self, key: &str, value: f64, digits: i32) {
         let scale = 10f64.powi(digits);
-        let value = if value.is_finite() {
-            json!((value * scale).round() / scale)
-        } else {
+        let value = if !value.is_finite() {
             Value::Null
+        } else if digits <= 0 {
+            json!(value.round() as i64)
+        } else {
+            json!((value * scale).round() / scale)
         };
         self.set(key, value);
     }

@@ -55,7 +55,10 @@ pub fn spread_source(target: SocketAddr, i: usize, spread: usize) -> Option<Sock
         return None;
     }
     let last = 2 + (i % spread.min(250)) as u8;
-    Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))
+    Some(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+        0,
+    ))
 }
 
 /// Clock ticks per second for the times in `/proc/<pid>/stat`.
@@ -122,7 +125,12 @@ pub fn server_rss_bytes(pid: u32) -> Option<u64> {
         };
         for line in text.lines() {
             if let Some(value) = line.strip_prefix("VmRSS:") {
-                let kb: u64 = value.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                let kb: u64 = value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
                 total += kb * 1024;
                 found |= member == pid;
             }
@@ -132,7 +140,30 @@ pub fn server_rss_bytes(pid: u32) -> Option<u64> {
 }
 
 /// CPU seconds (user + system) used so far by this process (all its threads): the same sum
-/// `getrusage(RUSAGE_SELF)` gives, read from `/proc/self/stat`.
+/// `getrusage(RUSAGE_SELF)` gives.
+/// Uses `CLOCK_PROCESS_CPUTIME_ID` (nanosecond resolution).
 pub fn self_cpu_secs() -> f64 {
-    stat_cpu_secs("self").unwrap_or(0.0)
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Busy and total jiffies of every CPU, from `/proc/stat` (`cpuN` lines): busy is everything
+/// but idle and iowait.
+pub fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|line| {
+            let values: Vec<u64> = line
+                .split_ascii_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            let total: u64 = values.iter().take(8).sum();
+            let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
 }

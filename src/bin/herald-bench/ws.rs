@@ -41,7 +41,10 @@ impl Url {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             authority.to_string()
         } else {
             format!("{authority}:80")
@@ -118,7 +121,10 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 pub async fn handshake(stream: &TcpStream, url: &Url, limit: Duration) -> io::Result<Vec<u8>> {
     match tokio::time::timeout(limit, handshake_inner(stream, url)).await {
         Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "handshake timed out",
+        )),
     }
 }
 
@@ -141,7 +147,12 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
         }
         stream.readable().await?;
         match stream.try_read(&mut buf[have..]) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during handshake")),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed during handshake",
+                ));
+            }
             Ok(n) => have += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -150,7 +161,8 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
             break i + 4;
         }
     };
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| io::Error::other("non-UTF-8 response head"))?;
+    let head = std::str::from_utf8(&buf[..end])
+        .map_err(|_| io::Error::other("non-UTF-8 response head"))?;
     let status_line = head.lines().next().unwrap_or("");
     if !status_line.starts_with("HTTP/1.1 101") {
         return Err(io::Error::other(format!("upgrade refused: {status_line}")));
@@ -158,7 +170,8 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
     let expected = derive_accept_key(key.as_bytes());
     let accept = head.lines().find_map(|line| {
         let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("sec-websocket-accept").then(|| value.trim())
+        name.eq_ignore_ascii_case("sec-websocket-accept")
+            .then(|| value.trim())
     });
     if accept != Some(expected.as_str()) {
         return Err(io::Error::other("wrong or missing Sec-WebSocket-Accept"));
@@ -191,7 +204,12 @@ pub fn push_masked(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4])
 
 /// A masked close frame with status 1000, as a client sends it.
 pub fn close_frame() -> Vec<u8> {
-    herald::ws::frame::encode_masked(herald::ws::frame::OpCode::Close, true, &1000u16.to_be_bytes(), rand::random())
+    herald::ws::frame::encode_masked(
+        herald::ws::frame::OpCode::Close,
+        true,
+        &1000u16.to_be_bytes(),
+        rand::random(),
+    )
 }
 
 /// Parses a frame header at the start of `b`: `(opcode, header length, payload length)`, or

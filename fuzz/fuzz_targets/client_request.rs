@@ -1,0 +1,170 @@
+//! The JSON request protocol (`format=json` connections) on arbitrary text.
+//!
+//! Properties of `herald::protocol::parse_request`:
+//! - on `Ok`, channel names and client ids pass `name::validate`, `data` is
+//!   one JSON value (`null` when absent), and the input really was a JSON
+//!   object whose `type` names that request;
+//! - on `Err`, the code is one of the documented ones, and `invalid_json` is
+//!   the only possible code when the input is not a JSON object;
+//! - a returned `id` is itself valid JSON;
+//! - the reply frames built from the result (`error_frame`,
+//!   `subscription_frame`, `published_frame`, `sent_frame`) are each a single
+//!   valid, final, unmasked server text frame whose payload is the JSON object
+//!   it claims to be, echoing the `id`;
+//! - `publish`/`send` data delivered in a `message`/`direct` envelope comes
+//!   out as the same JSON value (with `HERALD_FUZZ_STRICT=1`, also at most 127
+//!   levels deep: see `fuzz/regressions/publish_body/README.md`).
+#![no_main]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::{Json, check_json, text_frame_json};
+use herald::name;
+use herald::protocol::{
+    Payload, Request, direct_frame, error_frame, message_frame, parse_request, published_frame,
+    sent_frame, subscription_frame,
+};
+use libfuzzer_sys::fuzz_target;
+
+const CODES: [&str; 5] = [
+    "invalid_json",
+    "missing_field",
+    "unknown_type",
+    "invalid_channel",
+    "invalid_client_id",
+];
+
+/// Whether to also assert the properties of known, reported Herald bugs
+/// (`HERALD_FUZZ_STRICT=1`).
+fn strict() -> bool {
+    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRICT.get_or_init(|| std::env::var_os("HERALD_FUZZ_STRICT").is_some_and(|v| v != "0"))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = parse_request(text);
+    let input: Option<Json> = check_json(text).ok();
+
+    let id_value: Option<Json> = parsed
+        .id
+        .map(|id| check_json(id.get()).unwrap_or_else(|err| panic!("id is not JSON: {err}")));
+    if let (Some(id), Some(object)) = (&id_value, &input) {
+        if object.is_object() {
+            assert_eq!(object.get("id"), Some(id), "id differs from the input's");
+        }
+    }
+
+    let offset = data.len() as u64 * 0x1_0000_0001;
+    let mut channel_for_reply = "fuzz".to_owned();
+    match &parsed.request {
+        Ok(request) => {
+            let object = input
+                .as_ref()
+                .filter(|input| input.is_object())
+                .expect("accepted input must be a JSON object");
+            let kind = object.get("type").and_then(Json::as_str);
+            let (expected_kind, data) = match request {
+                Request::Subscribe { channel } => {
+                    assert!(name::validate(channel).is_ok(), "invalid channel {channel:?}");
+                    channel_for_reply = channel.to_string();
+                    ("subscribe", None)
+                }
+                Request::Unsubscribe { channel } => {
+                    assert!(name::validate(channel).is_ok(), "invalid channel {channel:?}");
+                    channel_for_reply = channel.to_string();
+                    ("unsubscribe", None)
+                }
+                Request::Publish { channel, data } => {
+                    assert!(name::validate(channel).is_ok(), "invalid channel {channel:?}");
+                    assert_eq!(object.get("channel").and_then(Json::as_str), Some(&**channel));
+                    channel_for_reply = channel.to_string();
+                    ("publish", Some(*data))
+                }
+                Request::Send { to, data } => {
+                    assert!(name::validate(to).is_ok(), "invalid client id {to:?}");
+                    assert_eq!(object.get("to").and_then(Json::as_str), Some(&**to));
+                    ("send", Some(*data))
+                }
+            };
+            assert_eq!(kind, Some(expected_kind), "request type does not match the input");
+            if let Some(data) = data {
+                let value = check_json(data)
+                    .unwrap_or_else(|err| panic!("data is not JSON ({err}): {data}"));
+                match object.get("data") {
+                    Some(sent) => assert_eq!(&value, sent, "data differs from the input's"),
+                    None => assert_eq!(data, "null", "absent data must be null"),
+                }
+                // What subscribers get: the data embedded as a JSON payload.
+                let frame = match request {
+                    Request::Publish { channel, .. } => {
+                        message_frame(channel, offset, Some("c-1"), Payload::Json(data.as_bytes()))
+                    }
+                    _ => direct_frame(Some("c-1"), Payload::Json(data.as_bytes())),
+                };
+                let envelope = text_frame_json(&frame);
+                assert_eq!(envelope.get("data"), Some(&value), "delivered data differs");
+                if strict() {
+                    // KNOWN BUG (fuzz/regressions/publish_body/README.md).
+                    assert!(
+                        envelope.depth() <= 127,
+                        "envelope nests {} levels, more than serde_json reads",
+                        envelope.depth()
+                    );
+                }
+            }
+        }
+        Err(err) => {
+            let code = err.code();
+            assert!(CODES.contains(&code), "undocumented error code {code}");
+            if !input.as_ref().is_some_and(Json::is_object) {
+                assert_eq!(code, "invalid_json", "a non-object input must be invalid_json");
+            }
+        }
+    }
+
+    let id = parsed.id;
+    let id_matches = |reply: &Json| match &id_value {
+        Some(id) => assert_eq!(reply.get("id"), Some(id), "reply does not echo the id"),
+        None => assert!(reply.get("id").is_none(), "reply has an id nobody sent"),
+    };
+    let n_id = usize::from(id.is_some());
+
+    let (code, message) = match &parsed.request {
+        Ok(_) => ("unknown_type", text.to_owned()),
+        Err(err) => (err.code(), err.to_string()),
+    };
+    let reply = text_frame_json(&error_frame(id, code, &message));
+    id_matches(&reply);
+    assert_eq!(reply.keys().len(), 3 + n_id);
+    assert_eq!(reply.get("type"), Some(&Json::str("error")));
+    assert_eq!(reply.get("code"), Some(&Json::str(code)));
+    assert_eq!(reply.get("message"), Some(&Json::str(&message)));
+
+    for subscribed in [true, false] {
+        let reply = text_frame_json(&subscription_frame(subscribed, id, &channel_for_reply));
+        id_matches(&reply);
+        let kind = if subscribed { "subscribed" } else { "unsubscribed" };
+        assert_eq!(reply.keys().len(), 2 + n_id);
+        assert_eq!(reply.get("type"), Some(&Json::str(kind)));
+        assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
+    }
+
+    let reply = text_frame_json(&published_frame(id, &channel_for_reply, offset, u64::MAX));
+    id_matches(&reply);
+    assert_eq!(reply.keys().len(), 4 + n_id);
+    assert_eq!(reply.get("type"), Some(&Json::str("published")));
+    assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
+    assert_eq!(reply.get("offset"), Some(&Json::num(offset)));
+    assert_eq!(reply.get("subscribers"), Some(&Json::num(u64::MAX)));
+
+    let reply = text_frame_json(&sent_frame(id, &channel_for_reply, 3));
+    id_matches(&reply);
+    assert_eq!(reply.keys().len(), 3 + n_id);
+    assert_eq!(reply.get("type"), Some(&Json::str("sent")));
+    assert_eq!(reply.get("to"), Some(&Json::str(&channel_for_reply)));
+    assert_eq!(reply.get("connections"), Some(&Json::num(3)));
+});

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Regenerates the hand-made seed inputs in fuzz/seeds/<target>/.
+
+Run from anywhere: python3 fuzz/seeds/make_seeds.py. Every seed is small
+(< 4 KiB) and named after what it exercises; see the input layout at the top
+of each fuzz target.
+"""
+import os
+import shutil
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MASK = bytes([0x37, 0xFA, 0x21, 0x3D])
+
+
+def frame(opcode, payload=b"", fin=True, mask=MASK, rsv=0, length=None):
+    """A client frame; length forces 'min', 16 or 64 bit length encoding."""
+    out = bytearray([(0x80 if fin else 0) | rsv | opcode])
+    bit = 0x80 if mask is not None else 0
+    n = len(payload)
+    if length == 16 or (length is None and 126 <= n <= 0xFFFF):
+        out += bytes([bit | 126]) + struct.pack(">H", n)
+    elif length == 64 or (length is None and n > 0xFFFF):
+        out += bytes([bit | 127]) + struct.pack(">Q", n)
+    else:
+        out += bytes([bit | n])
+    if mask is not None:
+        out += mask
+        out += bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    else:
+        out += payload
+    return bytes(out)
+
+
+def close(code, reason=b""):
+    return frame(0x8, struct.pack(">H", code) + reason)
+
+
+# Opcodes.
+CONT, TEXT, BIN, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+STREAMS = {
+    "rfc_hello": frame(TEXT, b"Hello"),
+    "text_utf8": frame(TEXT, "héllo wörld €😀".encode()),
+    "binary_126": frame(BIN, bytes(range(126))),
+    "binary_300_16bit": frame(BIN, bytes(i % 251 for i in range(300))),
+    "non_minimal_lengths": frame(BIN, b"abc", length=16) + frame(PING, b"hi", length=64),
+    "fragmented_with_ping": frame(TEXT, b"Hel", fin=False) + frame(PING, b"ping")
+    + frame(CONT, b"", fin=False) + frame(CONT, b"lo, ", fin=False) + frame(PONG)
+    + frame(CONT, b"world") + frame(BIN, b"\x00", fin=False) + frame(CONT, b"\xff"),
+    "utf8_split_across_fragments": frame(TEXT, "a😀".encode()[:3], fin=False)
+    + frame(CONT, "a😀b".encode()[3:]),
+    "invalid_utf8_fragment": frame(TEXT, b"ok\xc0\x80", fin=False),
+    "truncated_utf8_final": frame(TEXT, b"\xf0\x9f\x98"),
+    "close_normal": frame(PING, b"") + close(1000, b"bye"),
+    "close_empty": frame(CLOSE),
+    "close_one_byte": frame(CLOSE, b"\x03"),
+    "close_invalid_code": close(1005),
+    "close_1012": close(1012, b"restart"),
+    "close_bad_reason": close(1000, b"\xff"),
+    "unmasked": frame(TEXT, b"hi", mask=None),
+    "reserved_bits": frame(TEXT, b"x", rsv=0x40),
+    "reserved_opcode": frame(0x3, b"x"),
+    "continuation_without_start": frame(CONT, b"x"),
+    "data_inside_fragmented": frame(BIN, b"x", fin=False) + frame(TEXT, b"y"),
+    "fragmented_ping": frame(PING, b"", fin=False),
+    "control_too_long": frame(PONG, bytes(126)),
+    "huge_length_header": bytes([0x82, 0xFF]) + struct.pack(">Q", 1 << 40) + MASK,
+    "msb_length": bytes([0x82, 0xFF]) + struct.pack(">Q", (1 << 63) | 5),
+    "incomplete_tail": frame(TEXT, b"done") + frame(BIN, bytes(200))[:50],
+    "pings_and_pongs": frame(PING, b"a" * 125) + frame(PONG, b"b") + frame(PING),
+}
+
+# Limit index (low 3 bits) for streams that should hit the size limit.
+LIMIT_HINT = {"binary_126": 2, "binary_300_16bit": 4, "control_too_long": 2, "pings_and_pongs": 2}
+
+
+def write(target, name, data):
+    assert len(data) < 4096, (target, name, len(data))
+    d = os.path.join(HERE, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def ws_seeds():
+    for i, (name, stream) in enumerate(STREAMS.items()):
+        limit = LIMIT_HINT.get(name, 7)  # 1 MiB unless hinted
+        if i % 5 == 0 and name not in LIMIT_HINT:
+            limit = 4  # 1000 bytes
+        chunk = i % 8
+        write("decode_frame", name, bytes([limit | chunk << 3, i]) + stream)
+        write("differential", name, bytes([limit | (i % 4) << 3]) + stream)
+
+
+GOOD_HEADERS = (
+    b"Host: example.com\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: keep-alive, Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+def request(target=b"/ws", method=b"GET", version=b"HTTP/1.1", headers=GOOD_HEADERS):
+    return method + b" " + target + b" " + version + b"\r\n" + headers + b"\r\n"
+
+
+def handshake_seeds():
+    seeds = {
+        "rfc_sample": request(),
+        "with_channels": request(b"/ws?channels=news,room:1/a-b_c.d@e&client_id=alice"),
+        "raw_one_channel": request(b"/ws?channels=prices&format=raw"),
+        "raw_two_channels": request(b"/ws?channels=a,b&format=raw"),
+        "duplicate_channels": request(b"/ws?channels=a,a,,b&channels=b,c"),
+        "percent_encoded": request(b"/ws?channels=room%3Alobby%2Cx&client_id=c%40d+e"),
+        "bad_format": request(b"/ws?format=xml&channels=a"),
+        "bad_client_id": request(b"/ws?client_id=&channels=a%20b"),
+        "post": request(method=b"POST"),
+        "http10": request(version=b"HTTP/1.0"),
+        "no_connection": request(headers=GOOD_HEADERS.replace(b"Connection: keep-alive, Upgrade\r\n", b"")),
+        "upgrade_h2c": request(headers=GOOD_HEADERS.replace(b"websocket", b"h2c")),
+        "short_key": request(headers=GOOD_HEADERS.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"c2hvcnQ=")),
+        "non_canonical_key": request(headers=GOOD_HEADERS.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"dGhlIHNhbXBsZSBub25jZR==")),
+        "no_key": request(headers=GOOD_HEADERS.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"")),
+        "version_8": request(headers=GOOD_HEADERS.replace(b"Version: 13", b"Version: 8")),
+        "duplicate_key": request(headers=GOOD_HEADERS + b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+        "two_connection_headers": request(headers=GOOD_HEADERS.replace(b"Connection: keep-alive, Upgrade\r\n", b"Connection: keep-alive\r\nConnection: upgrade\r\n")),
+        "lower_case_names": request(headers=GOOD_HEADERS.lower()),
+        "many_channels": request(b"/ws?channels=" + b",".join(b"c%d" % i for i in range(140))),
+    }
+    for name, data in seeds.items():
+        write("handshake", name, data)
+
+
+def client_request_seeds():
+    seeds = {
+        "subscribe": b'{"type":"subscribe","channel":"news","id":1}',
+        "unsubscribe": b'{"type":"unsubscribe","channel":"room:1/a","id":"x"}',
+        "publish": b'{"type":"publish","channel":"room:1","data":{"a":[1,2.5,null,true]},"id":3}',
+        "publish_no_data": b'{"type":"publish","channel":"c"}',
+        "send": b'{"type":"send","to":"bob","data":"hi \\"there\\"","id":{"n":[1,2]}}',
+        "escaped_channel": b'{"type":"subscribe","channel":"a\\/b\\u0063"}',
+        "missing_type": b'{"channel":"a"}',
+        "missing_channel": b'{"type":"subscribe"}',
+        "missing_to": b'{"type":"send","data":1}',
+        "unknown_type": b'{"type":"dance","id":null}',
+        "invalid_channel": b'{"type":"subscribe","channel":"a b"}',
+        "invalid_client_id": b'{"type":"send","to":""}',
+        "not_object": b"[1]",
+        "truncated": b'{"type":"subscribe",',
+        "duplicate_field": b'{"type":"subscribe","type":"publish","channel":"a"}',
+        "deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 127 + b"]" * 127 + b"}",
+        "too_deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 129 + b"]" * 129 + b"}",
+        "unicode_id": '{"type":"subscribe","channel":"c","id":"é😀\\ud83d\\ude00"}'.encode(),
+        "big_numbers": b'{"type":"publish","channel":"c","data":[1e400,-0,18446744073709551616],"id":1.5e3}',
+    }
+    for name, data in seeds.items():
+        write("client_request", name, data)
+
+
+def publish_body_seeds():
+    seeds = {
+        "json_object": b"\x01news\x00{\"a\":1,\"b\":[true,null]}",
+        "json_declared_invalid": b"\x01news\x00{\"a\":",
+        "json_string": b"\x03room%3A1\x00\"hello\"",
+        "json_deep_127": b"\x01c\x00" + b"[" * 127 + b"]" * 127,
+        "json_deep_128": b"\x01c\x00" + b"[" * 128 + b"]" * 128,
+        "json_deep_129": b"\x01c\x00" + b"[" * 129 + b"]" * 129,
+        "json_brackets_in_string": b"\x01c\x00[\"" + b"[" * 200 + b"\"]",
+        "text": b"\x00news\x00hello \"world\" \\ \n\t\x01",
+        "text_utf8": "\x02a/b\x00héllo € 😀".encode(),
+        "text_looks_json": b"\x00c\x00{\"not\":\"declared\"}",
+        "binary": b"\x00c\x00\xff\xfe\x00\x01\xc3",
+        "binary_from": b"\x06c\x00\x80abc",
+        "empty_body": b"\x00c\x00",
+        "empty_json": b"\x01c\x00",
+        "percent_segment": b"\x00room%3Alobby%2Fx\x00hi",
+        "invalid_segment": b"\x00a%20b\x00hi",
+        "bad_percent": b"\x00%zz%4\x00hi",
+        "non_utf8_percent": b"\x00%ff%c3\x00x",
+        "long_text": b"\x00c\x00" + b"x" * 300,
+        "long_binary": b"\x00c\x00" + bytes(range(256)) * 2,
+    }
+    for name, data in seeds.items():
+        write("publish_body", name, data)
+
+
+def mask_seeds():
+    seeds = {
+        "zero_mask": bytes(4) + b"hello world",
+        "ones_mask": b"\xff" * 4 + bytes(range(40)),
+        "rfc_mask_hello": MASK + b"Hello",
+        "empty": MASK,
+        "one_byte": b"\x12\x34\x56\x78" + b"a",
+        "seven_bytes": b"\x01\x00\x00\x80" + b"abcdefg",
+        "long": b"\xa5\x5a\xc3\x3c" + bytes(i * 31 % 256 for i in range(1000)),
+    }
+    for name, data in seeds.items():
+        write("mask", name, data)
+
+
+if __name__ == "__main__":
+    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask"]:
+        shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
+    ws_seeds()
+    handshake_seeds()
+    client_request_seeds()
+    publish_body_seeds()
+    mask_seeds()

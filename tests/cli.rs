@@ -1,0 +1,123 @@
+//! The `herald` binary itself: flags, environment variables, and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Kills the child on drop, so a failing test leaves no server behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let help = Command::new(HERALD).arg("--help").output().expect("run");
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--shards",
+        "--queue-capacity",
+        "--max-message-bytes",
+        "--max-connections",
+        "--max-subscriptions",
+        "--handshake-timeout",
+        "--ping-interval",
+        "--idle-timeout",
+        "--shutdown-grace",
+        "HERALD_LISTEN",
+    ] {
+        assert!(text.contains(flag), "--help mentions {flag}");
+    }
+    let version = Command::new(HERALD).arg("--version").output().expect("run");
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn invalid_settings_exit_with_a_clear_message() {
+    let zero = Command::new(HERALD)
+        .args(["--queue-capacity", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("queue-capacity must be at least 1"));
+    let inverted = Command::new(HERALD)
+        .env("HERALD_PING_INTERVAL", "30s")
+        .env("HERALD_IDLE_TIMEOUT", "10s")
+        .output()
+        .expect("run");
+    assert_eq!(inverted.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&inverted.stderr).contains("idle-timeout"));
+    let bad_duration = Command::new(HERALD)
+        .args(["--idle-timeout", "soon"])
+        .output()
+        .expect("run");
+    assert_eq!(bad_duration.status.code(), Some(2), "clap rejects it");
+}
+
+#[tokio::test]
+async fn env_configured_server_serves_and_exits_cleanly_on_sigterm() {
+    let child = Command::new(HERALD)
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_SHUTDOWN_GRACE", "2s")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let mut server = Running(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    let addr: SocketAddr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        lines
+            .find_map(|line| {
+                let line = line.ok()?;
+                let at = line.find("addr=")?;
+                line[at + 5..].split_whitespace().next()?.parse().ok()
+            })
+            .expect("the start-up log names the address")
+    })
+    .await
+    .expect("read log");
+
+    let mut http = common::HttpClient::connect(addr).await;
+    assert_eq!(http.get("/healthz").await.status, 200);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connect");
+    let _welcome = common::recv(&mut ws).await;
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    assert_eq!(
+        common::expect_close(&mut ws).await.0,
+        1001,
+        "clients get going away"
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "exits within the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
