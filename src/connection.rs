@@ -70,6 +70,7 @@ pub fn spawn(
             registry.queue_capacity(),
         );
     }
+    registry.task_started();
     let conn = Connection {
         stream,
         registry: registry.clone(),
@@ -81,6 +82,7 @@ pub fn spawn(
         read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
         batch: VecDeque::new(),
         head_written: 0,
+        input_paused: false,
         _permit: permit,
     };
     tokio::spawn(conn.run());
@@ -153,6 +155,9 @@ struct Connection {
     batch: VecDeque<Bytes>,
     /// Bytes of `batch[0]` already written.
     head_written: usize,
+    /// Decoding stopped because replies filled half the queue and the socket is full: neither
+    /// decode nor read until it drains.
+    input_paused: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -160,6 +165,7 @@ struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.registry.unregister(self.id);
+        self.registry.task_done();
     }
 }
 
@@ -200,6 +206,13 @@ impl Connection {
                 Ok(blocked) => blocked,
                 Err(_) => return Ending::Gone,
             };
+            if self.input_paused && !blocked {
+                self.input_paused = false;
+                if let Some(ending) = self.drain_input().await {
+                    return ending;
+                }
+                continue;
+            }
             match poll_fn(|cx| self.poll_wake(cx, blocked)).await {
                 Wake::Readable => {
                     if let Some(ending) = self.read() {
@@ -233,7 +246,7 @@ impl Connection {
     /// future tiny and replaces the waker the HTTP task left there during the upgrade (which
     /// would otherwise keep that finished task's memory alive for the connection's life).
     fn poll_wake(&self, cx: &mut Context<'_>, blocked: bool) -> Poll<Wake> {
-        if self.stream.poll_read_ready(cx).is_ready() {
+        if !self.input_paused && self.stream.poll_read_ready(cx).is_ready() {
             return Poll::Ready(Wake::Readable);
         }
         if blocked && self.stream.poll_write_ready(cx).is_ready() {
@@ -298,6 +311,19 @@ impl Connection {
             match self.handle(message) {
                 Input::Done => {}
                 other => return other,
+            }
+            // Backpressure: replies (pongs, echoes, acks) may not pile up faster than the
+            // client reads them. At half the queue, write; if the socket is full, stop decoding
+            // and stop reading until it drains, instead of dropping a client that does read.
+            if self.outbox.depth() * 2 >= self.registry.queue_capacity() {
+                match self.write_queued() {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.input_paused = true;
+                        return Input::Done;
+                    }
+                    Err(_) => return Input::End(Ending::Gone),
+                }
             }
         }
         if self.read_buf.as_ref().is_some_and(BytesMut::is_empty) {
@@ -456,6 +482,10 @@ impl Connection {
         let _ = self.stream.shutdown().await;
         // The close is sent: the connection is gone as far as everyone else is concerned.
         self.registry.unregister(self.id);
+        // Wait for the client's side of the close before dropping the socket: closing it with
+        // the client's close frame unread would reset the connection, and a reset can destroy
+        // our close frame before the client reads it. The task still counts for a graceful
+        // shutdown meanwhile (`Registry::task_done`).
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             let mut sink = vec![0u8; 512];
             while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -522,6 +552,7 @@ mod tests {
             .unwrap();
         let registry = Registry::new(&Config::default());
         let registration = registry.register(Arc::from("a"), Format::Json);
+        registry.task_started();
         let conn = Connection {
             stream: client,
             registry: registry.clone(),
@@ -533,6 +564,7 @@ mod tests {
             read_buf: None,
             batch: VecDeque::new(),
             head_written: 0,
+            input_paused: false,
             _permit: None,
         };
         let future = conn.run();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use herald::Config;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// Herald: a lean real-time notification server. Backends publish over HTTP, clients receive
 /// over WebSocket. Every flag can also be set from the environment variable shown.
@@ -65,6 +65,10 @@ impl Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Its default reports a failed log write with `eprintln!`, which panics when stderr is
+        // gone (a closed pipe): a server must outlive its log reader.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -72,7 +76,7 @@ fn main() -> ExitCode {
         .init();
     let config = cli.config();
     if let Err(err) = config.validate() {
-        eprintln!("herald: {err}");
+        report(format_args!("{err}"));
         return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -81,15 +85,15 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("herald: cannot start the runtime: {err}");
+            report(format_args!("cannot start the runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async {
-        let listener = match TcpListener::bind(cli.listen).await {
+        let listener = match listen(cli.listen) {
             Ok(listener) => listener,
             Err(err) => {
-                eprintln!("herald: cannot listen on {}: {err}", cli.listen);
+                report(format_args!("cannot listen on {}: {err}", cli.listen));
                 return ExitCode::FAILURE;
             }
         };
@@ -102,11 +106,34 @@ fn main() -> ExitCode {
         match herald::server::run(listener, config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("herald: {err}");
+                report(format_args!("{err}"));
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// Connections the kernel queues for `accept` (the listen backlog). Tokio's default of 128
+/// overflows when hundreds of clients reconnect at once (after a deploy, say), and each
+/// overflow costs the client a one-second SYN retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Prints a start-up error to stderr, ignoring a stderr that is gone.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "herald: {message}");
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -35,7 +35,7 @@ impl<'a> Payload<'a> {
         if declared_json {
             serde_json::from_slice::<&RawValue>(body)
                 .map_err(|err| PayloadError::InvalidJson(err.to_string()))?;
-            check_depth(body).map_err(PayloadError::InvalidJson)?;
+            check_depth(body, MAX_JSON_DEPTH).map_err(PayloadError::InvalidJson)?;
             return Ok(Payload::Json(body));
         }
         Ok(match std::str::from_utf8(body) {
@@ -61,14 +61,14 @@ impl<'a> Payload<'a> {
     }
 }
 
-/// The deepest nesting of arrays and objects accepted in a payload: serde_json's own limit for
-/// the values it parses, applied to the values we pass through untouched, so that no subscriber's
-/// JSON parser is handed a document deeper than common parsers accept.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// The deepest nesting of arrays and objects accepted in a payload. The envelope a payload is
+/// delivered in adds one level, which makes 127: the most serde_json reads by default, and so
+/// the most a subscriber written with it can parse. Payloads pass through untouched, so without
+/// this limit a publisher could hand every subscriber a document its parser refuses.
+pub const MAX_JSON_DEPTH: usize = 126;
 
-/// Checks that valid JSON nests no deeper than [`MAX_JSON_DEPTH`], in one pass without
-/// recursion.
-fn check_depth(json: &[u8]) -> Result<(), String> {
+/// Checks that valid JSON nests no deeper than `limit`, in one pass without recursion.
+fn check_depth(json: &[u8], limit: usize) -> Result<(), String> {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -86,8 +86,8 @@ fn check_depth(json: &[u8]) -> Result<(), String> {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > MAX_JSON_DEPTH {
-                    return Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"));
+                if depth > limit {
+                    return Err(format!("nested deeper than {limit} levels"));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -138,7 +138,7 @@ pub enum Request<'a> {
 /// frame with [`RequestError::code`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    /// The frame is not one JSON object (or nests deeper than serde_json's limit of 128).
+    /// The frame is not one JSON object, or nests deeper than [`MAX_JSON_DEPTH`] + 1 levels.
     #[error("invalid JSON: {0}")]
     InvalidJson(String),
     /// A field the request type needs is absent.
@@ -194,6 +194,14 @@ pub struct ParsedRequest<'a> {
 
 /// Parses one text frame from a json-format client.
 pub fn parse_request(text: &str) -> ParsedRequest<'_> {
+    // The request object is one level; its `data` and `id` may use the rest, exactly as deep
+    // as an HTTP payload may be. Checked first, so that nothing too deep is echoed back either.
+    if let Err(err) = check_depth(text.as_bytes(), MAX_JSON_DEPTH + 1) {
+        return ParsedRequest {
+            id: None,
+            request: Err(RequestError::InvalidJson(err)),
+        };
+    }
     let wire: WireRequest<'_> = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(err) => {
@@ -220,7 +228,6 @@ fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
         Ok(channel)
     };
     let data = wire.data.map_or("null", RawValue::get);
-    check_depth(data.as_bytes()).map_err(RequestError::InvalidJson)?;
     match &*kind {
         "subscribe" => Ok(Request::Subscribe {
             channel: channel()?,
@@ -545,8 +552,11 @@ mod tests {
         ));
         assert!(Payload::from_body(b"{", true).is_err());
         let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
-        assert!(Payload::from_body(nested(128).as_bytes(), true).is_ok());
-        assert!(Payload::from_body(nested(129).as_bytes(), true).is_err());
+        assert!(Payload::from_body(nested(126).as_bytes(), true).is_ok());
+        assert!(Payload::from_body(nested(127).as_bytes(), true).is_err());
+        // The deepest accepted payload still parses with serde_json once enveloped.
+        let frame = message_frame("c", 1, None, Payload::Json(nested(126).as_bytes()));
+        json_of(&frame);
         let in_string = format!(r#"["{}"]"#, "[".repeat(1000));
         assert!(Payload::from_body(in_string.as_bytes(), true).is_ok());
         assert!(matches!(

@@ -22,9 +22,10 @@ use crate::error::Result;
 use crate::http::{self, AppState};
 use crate::registry::{CloseReason, Registry};
 
-/// Largest request head (request line and headers) hyper buffers; hyper answers a larger one
-/// with an empty `414` or `431` itself. Heads below this but over [`http::MAX_URI_BYTES`] or
-/// [`http::MAX_HEADER_BYTES`] get our JSON reply.
+/// Hyper's read buffer limit for a request head. Hyper checks it between reads, so a head that
+/// arrives in one piece may run somewhat past it before hyper answers with an empty `431`
+/// itself; heads within it but over [`http::MAX_URI_BYTES`] or [`http::MAX_HEADER_BYTES`] get
+/// our JSON `414`/`431`.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Pause after an accept error such as running out of file descriptors, so the loop does not
 /// spin while the condition lasts.

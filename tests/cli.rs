@@ -78,6 +78,8 @@ async fn env_configured_server_serves_and_exits_cleanly_on_sigterm() {
         .expect("spawn herald");
     let mut server = Running(child);
     let stderr = server.0.stderr.take().expect("stderr");
+    // The log pipe is closed once the address is read: the server must go on (and shut down
+    // cleanly) without a reader for its log.
     let addr: SocketAddr = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stderr).lines();
         lines

@@ -11,6 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
 use super::{AppState, HttpError, json_response};
+use crate::config::Config;
 use crate::name;
 use crate::protocol::Payload;
 
@@ -22,7 +23,7 @@ pub async fn publish(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let channel = decode_segment(channel);
     name::validate(&channel).map_err(HttpError::InvalidChannel)?;
-    let (body, declared_json) = read_body(req, state.config.max_message_bytes).await?;
+    let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
     let receipt = state
@@ -44,7 +45,7 @@ pub async fn send(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let client_id = decode_segment(client_id);
     name::validate(&client_id).map_err(HttpError::InvalidClientId)?;
-    let (body, declared_json) = read_body(req, state.config.max_message_bytes).await?;
+    let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
     match state.registry.send_to(&client_id, None, payload) {
@@ -61,7 +62,7 @@ pub async fn broadcast(
     req: Request<Incoming>,
     state: &Arc<AppState>,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
-    let (body, declared_json) = read_body(req, state.config.max_message_bytes).await?;
+    let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
     let connections = state
@@ -86,10 +87,13 @@ pub fn channels(state: &AppState) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &json!({ "channels": channels }))
 }
 
-/// Reads a request body of at most `limit` bytes. A `Content-Length` over the limit is refused
-/// before a byte of the body is read; a chunked body is cut off as soon as it passes the limit.
-/// Also returns whether the body is declared JSON (`application/json` or `*/*+json`).
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(Bytes, bool), HttpError> {
+/// Reads a request body of at most `--max-message-bytes`, within `--handshake-timeout`. A
+/// `Content-Length` over the limit is refused before a byte of the body is read; a chunked body
+/// is cut off as soon as it passes the limit; a body that stalls is answered `408`, so a
+/// client cannot hold a connection slot by never finishing its request. Also returns whether
+/// the body is declared JSON (`application/json` or `*/*+json`).
+async fn read_body(req: Request<Incoming>, config: &Config) -> Result<(Bytes, bool), HttpError> {
+    let limit = config.max_message_bytes;
     let declared_length = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -103,9 +107,10 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(Bytes, bool)
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(is_json_media_type);
-    let collected = Limited::new(req.into_body(), limit)
-        .collect()
+    let collected = Limited::new(req.into_body(), limit).collect();
+    let collected = tokio::time::timeout(config.handshake_timeout, collected)
         .await
+        .map_err(|_| HttpError::RequestTimeout)?
         .map_err(|err| {
             if err.downcast_ref::<LengthLimitError>().is_some() {
                 HttpError::PayloadTooLarge { limit }

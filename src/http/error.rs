@@ -45,6 +45,9 @@ pub enum HttpError {
     /// The body was declared `application/json` but is not one JSON value.
     #[error("{0}")]
     InvalidJson(String),
+    /// The body did not arrive within `--handshake-timeout`.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// The body could not be read (the client went away or sent a broken chunked body).
     #[error("could not read the request body")]
     BodyRead,
@@ -79,6 +82,7 @@ impl HttpError {
             }
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HttpError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Handshake(_)
@@ -109,6 +113,7 @@ impl HttpError {
             HttpError::BodyRead => "body_read_error",
             HttpError::ClientNotFound(_) => "client_not_found",
             HttpError::UriTooLong => "uri_too_long",
+            HttpError::RequestTimeout => "request_timeout",
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
         }

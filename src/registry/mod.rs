@@ -127,9 +127,12 @@ struct Inner {
     metrics: Metrics,
     /// Round-robin cursor for placing new connections.
     next_shard: AtomicUsize,
-    /// Registered connections; [`Registry::drained`] waits for zero.
+    /// Registered connections.
     live: AtomicUsize,
-    /// Notified when `live` drops to zero.
+    /// Connection tasks still running, closing ones included; [`Registry::drained`] waits
+    /// for zero.
+    tasks: AtomicUsize,
+    /// Notified when `tasks` drops to zero.
     drained: Notify,
 }
 
@@ -166,6 +169,7 @@ impl Registry {
             metrics: Metrics::new(),
             next_shard: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
             drained: Notify::new(),
         });
         let tick = (config.ping_interval.min(config.idle_timeout) / 4)
@@ -246,9 +250,7 @@ impl Registry {
         if let Some(subscriptions) = removed {
             let inner = &*self.inner;
             inner.metrics.subscriptions.sub(subscriptions as i64);
-            if inner.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-                inner.drained.notify_waiters();
-            }
+            inner.live.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -438,11 +440,25 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Resolves once no connection is registered.
+    /// Counts a task serving a connection, so that [`Registry::drained`] waits for it. A
+    /// closing connection is unregistered as soon as its close frame is sent, but its task
+    /// lingers a little for the client's side of the close.
+    pub fn task_started(&self) {
+        self.inner.tasks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends what [`Registry::task_started`] counted.
+    pub fn task_done(&self) {
+        if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.drained.notify_waiters();
+        }
+    }
+
+    /// Resolves once no connection task is running.
     pub async fn drained(&self) {
         loop {
             let notified = self.inner.drained.notified();
-            if self.is_empty() {
+            if self.inner.tasks.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
