@@ -3,7 +3,6 @@
 //! subscribe/unsubscribe churn on a busy channel.
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use herald::registry::{Format, Outbox, Registry};
 fn subscribe_all(registry: &Registry, channel: &str, subscribers: usize) -> Vec<Arc<Outbox>> {
     (0..subscribers)
         .map(|i| {
-            let registration = registry.register(Arc::from(format!("c{i}")), Format::Json);
+            let registration = registry.register(Arc::from(format!("c{i}")), Format::Json, None);
             registry
                 .subscribe(registration.id, channel)
                 .expect("subscribe");
@@ -25,13 +24,10 @@ fn subscribe_all(registry: &Registry, channel: &str, subscribers: usize) -> Vec<
         .collect()
 }
 
-/// Empties every outbox, as the connection tasks would.
+/// Empties every outbox, as writing them to their sockets would.
 fn drain(outboxes: &[Arc<Outbox>]) {
-    let mut batch = VecDeque::new();
     for outbox in outboxes {
-        outbox.take_batch(&mut batch);
-        batch.clear();
-        outbox.finish_batch();
+        outbox.clear();
     }
 }
 
@@ -90,7 +86,7 @@ fn churn(c: &mut Criterion) {
         .expect("runtime");
     let registry = runtime.block_on(async { Registry::new(&Config::default().shards(2)) });
     let _crowd = subscribe_all(&registry, "busy", 10_000);
-    let newcomer = registry.register(Arc::from("newcomer"), Format::Json);
+    let newcomer = registry.register(Arc::from("newcomer"), Format::Json, None);
     c.bench_function("subscribe+unsubscribe (channel of 10k)", |b| {
         b.iter(|| {
             registry.subscribe(newcomer.id, "busy").expect("subscribe");
@@ -99,7 +95,7 @@ fn churn(c: &mut Criterion) {
     });
     c.bench_function("register+unregister", |b| {
         b.iter(|| {
-            let registration = registry.register(Arc::from("x"), Format::Json);
+            let registration = registry.register(Arc::from("x"), Format::Json, None);
             registry
                 .subscribe(registration.id, "busy")
                 .expect("subscribe");

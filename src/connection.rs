@@ -1,36 +1,32 @@
-//! One WebSocket connection after the upgrade: our own read loop and write path.
+//! One WebSocket connection after the upgrade: our own read loop, replies, and closing.
 //!
 //! The task reads only when the socket is readable, into a buffer it allocates then and frees
-//! as soon as no partial frame is left, so an idle connection holds no read buffer. Frames to
-//! send wait in the connection's [`Outbox`]; the task takes all of them in one swap and writes
-//! them with vectored writes, so a burst of queued frames costs one syscall, not one each.
+//! as soon as no partial frame is left, so an idle connection holds no read buffer. Published
+//! frames never pass through this task: the shard writer writes them straight from the
+//! connection's [`Outbox`] to the socket. The task writes its own replies the same way, and
+//! takes over the writing only when the socket is full, waiting for it to drain.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::registry::{
-    CloseReason, ConnId, Format, Outbox, Push, Registry, Signal, SubscribeError,
+    CloseReason, ConnId, Flushed, Format, Outbox, Push, Registry, Signal, SubscribeError,
 };
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{Decoder, Message, OpCode, encode_close, encode_frame};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
-/// Frames handed to one `writev` call at most.
-const MAX_IOV: usize = 64;
 /// How long a closing connection may take to accept its last frames.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the server waits for the client to close its side after the close frame.
@@ -58,7 +54,12 @@ pub fn spawn(
     session: Session,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let registration = registry.register(Arc::clone(&session.client_id), session.format);
+    let stream = Arc::new(stream);
+    let registration = registry.register(
+        Arc::clone(&session.client_id),
+        session.format,
+        Some(Arc::clone(&stream)),
+    );
     for channel in &session.channels {
         if let Err(err) = registry.subscribe(registration.id, channel) {
             tracing::debug!(%err, channel, "initial subscription refused");
@@ -80,8 +81,6 @@ pub fn spawn(
         format: session.format,
         decoder: Decoder::new(max_message_bytes),
         read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
-        batch: VecDeque::new(),
-        head_written: 0,
         input_paused: false,
         _permit: permit,
     };
@@ -92,7 +91,7 @@ pub fn spawn(
 enum Wake {
     Readable,
     Writable,
-    Frames,
+    BlockedChanged,
     Close(CloseReason),
 }
 
@@ -126,12 +125,14 @@ impl Ending {
     }
 
     fn server(reason: CloseReason) -> Self {
+        let by = match reason {
+            CloseReason::SlowConsumer => ClosedBy::SlowConsumer,
+            CloseReason::IdleTimeout => ClosedBy::IdleTimeout,
+            CloseReason::GoingAway => ClosedBy::Shutdown,
+            CloseReason::WriteFailed | CloseReason::Closing => return Ending::Gone,
+        };
         Ending::Close {
-            by: match reason {
-                CloseReason::SlowConsumer => ClosedBy::SlowConsumer,
-                CloseReason::IdleTimeout => ClosedBy::IdleTimeout,
-                CloseReason::GoingAway => ClosedBy::Shutdown,
-            },
+            by,
             code: Some(CloseCode(reason.code())),
             reason: Cow::Borrowed(reason.as_str()),
             flush: reason != CloseReason::SlowConsumer,
@@ -142,7 +143,8 @@ impl Ending {
 /// Everything one connection keeps, in the one struct its task owns. Kept small on purpose:
 /// every idle connection pays for each field.
 struct Connection {
-    stream: TcpStream,
+    /// Shared with the outbox, which writes to it (from the shard writer, or from here).
+    stream: Arc<TcpStream>,
     registry: Registry,
     id: ConnId,
     outbox: Arc<Outbox>,
@@ -151,10 +153,6 @@ struct Connection {
     decoder: Decoder,
     /// Bytes read and not yet decoded; `None` whenever no partial frame is pending.
     read_buf: Option<BytesMut>,
-    /// Frames taken from the outbox and not yet fully written.
-    batch: VecDeque<Bytes>,
-    /// Bytes of `batch[0]` already written.
-    head_written: usize,
     /// Decoding stopped because replies filled half the queue and the socket is full: neither
     /// decode nor read until it drains.
     input_paused: bool,
@@ -202,9 +200,11 @@ impl Connection {
             if let Some(reason) = self.outbox.close_reason() {
                 return Ending::server(reason);
             }
-            let blocked = match self.write_queued() {
-                Ok(blocked) => blocked,
-                Err(_) => return Ending::Gone,
+            // Writes this connection's own replies; publishes are written by the shard writer.
+            let blocked = match self.outbox.flush(self.registry.metrics()) {
+                Flushed::Done => false,
+                Flushed::Blocked => true,
+                Flushed::Failed => return Ending::Gone,
             };
             if self.input_paused && !blocked {
                 self.input_paused = false;
@@ -222,7 +222,8 @@ impl Connection {
                         return ending;
                     }
                 }
-                Wake::Writable | Wake::Frames => {}
+                Wake::Writable => self.outbox.unblock(),
+                Wake::BlockedChanged => {}
                 Wake::Close(reason) => return Ending::server(reason),
             }
         }
@@ -241,10 +242,11 @@ impl Connection {
         }
     }
 
-    /// Waits until the socket is readable, writable again (when `blocked`), or the outbox has
-    /// something. Uses the socket's own readiness slots (`poll_read_ready`), which keeps this
-    /// future tiny and replaces the waker the HTTP task left there during the upgrade (which
-    /// would otherwise keep that finished task's memory alive for the connection's life).
+    /// Waits until the socket is readable, writable again (when `blocked`), the socket fills up
+    /// (a flush from the shard writer hit a full socket), or a close is asked for. Uses the
+    /// socket's own readiness slots (`poll_read_ready`), which keeps this future tiny and
+    /// replaces the waker the HTTP task left there during the upgrade (which would otherwise
+    /// keep that finished task's memory alive for the connection's life).
     fn poll_wake(&self, cx: &mut Context<'_>, blocked: bool) -> Poll<Wake> {
         if !self.input_paused && self.stream.poll_read_ready(cx).is_ready() {
             return Poll::Ready(Wake::Readable);
@@ -252,32 +254,10 @@ impl Connection {
         if blocked && self.stream.poll_write_ready(cx).is_ready() {
             return Poll::Ready(Wake::Writable);
         }
-        match self.outbox.poll_signal(cx, !blocked) {
-            Poll::Ready(Signal::Frames) => Poll::Ready(Wake::Frames),
+        match self.outbox.poll_signal(cx, blocked) {
+            Poll::Ready(Signal::BlockedChanged) => Poll::Ready(Wake::BlockedChanged),
             Poll::Ready(Signal::Close(reason)) => Poll::Ready(Wake::Close(reason)),
             Poll::Pending => Poll::Pending,
-        }
-    }
-
-    /// Writes queued frames until the outbox is empty or the socket is full. Returns whether
-    /// the socket is full with frames still waiting.
-    fn write_queued(&mut self) -> io::Result<bool> {
-        loop {
-            if self.batch.is_empty() {
-                self.outbox.take_batch(&mut self.batch);
-                if self.batch.is_empty() {
-                    // Quiet again: free the batch buffer so an idle connection holds nothing.
-                    self.batch = VecDeque::new();
-                    return Ok(false);
-                }
-                let metrics = self.registry.metrics();
-                metrics.queue_depth.observe(self.batch.len() as f64);
-            }
-            let sent = &self.registry.metrics().bytes_sent;
-            if !write_batch(&self.stream, &mut self.batch, &mut self.head_written, sent)? {
-                return Ok(true);
-            }
-            self.outbox.finish_batch();
         }
     }
 
@@ -315,15 +295,11 @@ impl Connection {
             // Backpressure: replies (pongs, echoes, acks) may not pile up faster than the
             // client reads them. At half the queue, write; if the socket is full, stop decoding
             // and stop reading until it drains, instead of dropping a client that does read.
-            if self.outbox.depth() * 2 >= self.registry.queue_capacity() {
-                match self.write_queued() {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        self.input_paused = true;
-                        return Input::Done;
-                    }
-                    Err(_) => return Input::End(Ending::Gone),
-                }
+            if self.outbox.depth() * 2 >= self.registry.queue_capacity()
+                && self.outbox.flush(self.registry.metrics()) == Flushed::Blocked
+            {
+                self.input_paused = true;
+                return Input::Done;
             }
         }
         if self.read_buf.as_ref().is_some_and(BytesMut::is_empty) {
@@ -447,31 +423,30 @@ impl Connection {
         else {
             return;
         };
-        if flush {
-            let mut more = VecDeque::new();
-            self.outbox.take_batch(&mut more);
-            self.batch.extend(more);
-        } else {
-            // Keep only a partly written frame: it must be finished to keep the framing valid.
-            let keep = usize::from(self.head_written > 0);
-            self.batch.truncate(keep);
+        // Nothing more is queued for a closing connection (a server reason has done this
+        // already), and a flush the shard writer may have under way finishes first: the close
+        // frame must follow whole frames.
+        self.outbox.close(CloseReason::Closing);
+        while self.outbox.is_writing() {
+            tokio::task::yield_now().await;
         }
         let close = match code {
             Some(code) => encode_close(code, &reason),
             None => encode_frame(OpCode::Close, &[]),
         };
-        self.batch.push_back(close);
+        self.outbox.queue_close(close, flush);
+        let metrics = self.registry.metrics();
         let written = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             loop {
-                let sent = &self.registry.metrics().bytes_sent;
-                match write_batch(&self.stream, &mut self.batch, &mut self.head_written, sent) {
-                    Ok(true) => return true,
-                    Ok(false) => {
+                match self.outbox.flush_closing(metrics) {
+                    Flushed::Done => return true,
+                    Flushed::Failed => return false,
+                    Flushed::Blocked => {
                         if self.stream.writable().await.is_err() {
                             return false;
                         }
+                        self.outbox.unblock();
                     }
-                    Err(_) => return false,
                 }
             }
         })
@@ -479,7 +454,7 @@ impl Connection {
         if !matches!(written, Ok(true)) {
             return;
         }
-        let _ = self.stream.shutdown().await;
+        let _ = rustix::net::shutdown(&*self.stream, rustix::net::Shutdown::Write);
         // The close is sent: the connection is gone as far as everyone else is concerned.
         self.registry.unregister(self.id);
         // Wait for the client's side of the close before dropping the socket: closing it with
@@ -488,54 +463,21 @@ impl Connection {
         // shutdown meanwhile (`Registry::task_done`).
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             let mut sink = vec![0u8; 512];
-            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            loop {
+                match self.stream.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        if self.stream.readable().await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
         })
         .await;
     }
-}
-
-/// Writes as much of `batch` as the socket takes now, in vectored writes. Returns `Ok(true)`
-/// once all of it is written and `Ok(false)` when the socket would block.
-fn write_batch(
-    stream: &TcpStream,
-    batch: &mut VecDeque<Bytes>,
-    head_written: &mut usize,
-    sent: &IntCounter,
-) -> io::Result<bool> {
-    while !batch.is_empty() {
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let mut count = 0;
-        for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
-            let bytes = if count == 0 {
-                &frame[*head_written..]
-            } else {
-                &frame[..]
-            };
-            *slot = IoSlice::new(bytes);
-            count += 1;
-        }
-        let mut written = match stream.try_write_vectored(&slices[..count]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => {
-                sent.inc_by(written as u64);
-                written
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(err) => return Err(err),
-        };
-        while written > 0 {
-            let remaining = batch[0].len() - *head_written;
-            if written >= remaining {
-                written -= remaining;
-                batch.pop_front();
-                *head_written = 0;
-            } else {
-                *head_written += written;
-                written = 0;
-            }
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]
@@ -551,7 +493,9 @@ mod tests {
             .await
             .unwrap();
         let registry = Registry::new(&Config::default());
-        let registration = registry.register(Arc::from("a"), Format::Json);
+        let client = Arc::new(client);
+        let registration =
+            registry.register(Arc::from("a"), Format::Json, Some(Arc::clone(&client)));
         registry.task_started();
         let conn = Connection {
             stream: client,
@@ -562,8 +506,6 @@ mod tests {
             format: Format::Json,
             decoder: Decoder::new(1024),
             read_buf: None,
-            batch: VecDeque::new(),
-            head_written: 0,
             input_paused: false,
             _permit: None,
         };

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -23,7 +24,7 @@ use crate::ws::close::CloseCode;
 use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
-pub use outbox::{CloseReason, Outbox, Push, Signal};
+pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
 use shard::{Delivery, Entry, Keys, Shard, ShardState};
 
 /// How a connection wants its messages.
@@ -191,12 +192,18 @@ impl Registry {
         self.inner.limits.queue_capacity
     }
 
-    /// Adds a connection. It receives broadcasts and direct sends at once, and channel
-    /// messages once subscribed.
-    pub fn register(&self, client_id: Arc<str>, format: Format) -> Registration {
+    /// Adds a connection that writes to `socket` (`None`: a connection without one, whose
+    /// frames just queue up, as in benchmarks). It receives broadcasts and direct sends at
+    /// once, and channel messages once subscribed.
+    pub fn register(
+        &self,
+        client_id: Arc<str>,
+        format: Format,
+        socket: Option<Arc<TcpStream>>,
+    ) -> Registration {
         let inner = &*self.inner;
         let shard_index = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len();
-        let outbox = Arc::new(Outbox::new(inner.clock.now_ms()));
+        let outbox = Arc::new(Outbox::new(socket, inner.clock.now_ms()));
         let mut state = inner.shards[shard_index].state.lock();
         let generation = state.next_generation;
         state.next_generation = generation.wrapping_add(1);
@@ -305,8 +312,9 @@ impl Registry {
     }
 
     /// Publishes to `channel` (a valid name): takes the next offset and hands one encoded frame
-    /// to every shard. Waits only when the writers are behind (CPU saturation), never for a
-    /// slow connection.
+    /// to every shard's writer. Waits only while the writers are behind (their queues are
+    /// short, so a saturated server slows publishers down instead of queueing up latency),
+    /// never for a slow connection.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped; no offset is used.
@@ -328,38 +336,38 @@ impl Registry {
             );
         }
         let now = self.now_ms();
-        let mut stripe = inner.channels.lock(channel);
-        let (name, state) = match stripe.get_key_value(channel) {
-            Some((name, _)) => {
-                let name = Arc::clone(name);
-                let state = stripe.get_mut(channel).expect("key was just found");
-                (name, state)
+        let receipt = {
+            let mut stripe = inner.channels.lock(channel);
+            let (name, state) = match stripe.get_key_value(channel) {
+                Some((name, _)) => {
+                    let name = Arc::clone(name);
+                    let state = stripe.get_mut(channel).expect("key was just found");
+                    (name, state)
+                }
+                None => {
+                    let name: Arc<str> = Arc::from(channel);
+                    let state = stripe.entry(Arc::clone(&name)).or_default();
+                    (name, state)
+                }
+            };
+            state.offset += 1;
+            state.touched_ms = now;
+            let receipt = PublishReceipt {
+                offset: state.offset,
+                subscribers: state.subscribers,
+            };
+            // Handed to the writers while the stripe is locked: that is what keeps each
+            // channel's offsets in order on every connection.
+            if state.subscribers > 0 {
+                let raw = (state.raw_subscribers > 0).then(|| raw_frame(payload));
+                let json = protocol::message_frame(channel, receipt.offset, from, payload);
+                let delivery = Arc::new(Delivery::new(Some(name), json, raw));
+                for permit in permits {
+                    permit.send(Arc::clone(&delivery));
+                }
             }
-            None => {
-                let name: Arc<str> = Arc::from(channel);
-                let state = stripe.entry(Arc::clone(&name)).or_default();
-                (name, state)
-            }
+            receipt
         };
-        state.offset += 1;
-        state.touched_ms = now;
-        let receipt = PublishReceipt {
-            offset: state.offset,
-            subscribers: state.subscribers,
-        };
-        if state.subscribers > 0 {
-            let raw = (state.raw_subscribers > 0).then(|| raw_frame(payload));
-            let delivery = Arc::new(Delivery {
-                json: protocol::message_frame(channel, receipt.offset, from, payload),
-                channel: Some(name),
-                raw,
-                published_at: Instant::now(),
-            });
-            for permit in permits {
-                permit.send(Arc::clone(&delivery));
-            }
-        }
-        drop(stripe);
         inner.metrics.publishes.inc();
         Ok(receipt)
     }
@@ -369,12 +377,9 @@ impl Registry {
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
     pub async fn broadcast(&self, payload: Payload<'_>) -> Result<u64, PublishError> {
-        let delivery = Arc::new(Delivery {
-            channel: None,
-            json: protocol::broadcast_frame(payload),
-            raw: Some(raw_frame(payload)),
-            published_at: Instant::now(),
-        });
+        let json = protocol::broadcast_frame(payload);
+        let raw = Some(raw_frame(payload));
+        let delivery = Arc::new(Delivery::new(None, json, raw));
         for shard in self.inner.shards.iter() {
             shard
                 .tx
@@ -390,7 +395,9 @@ impl Registry {
         let json = protocol::direct_frame(from, payload);
         let raw = raw_frame(payload);
         let capacity = self.inner.limits.queue_capacity;
+        let metrics = &self.inner.metrics;
         let mut reached = 0;
+        let mut touched = Vec::new();
         for shard in self.inner.shards.iter() {
             let state = shard.state.lock();
             for key in state
@@ -406,12 +413,20 @@ impl Registry {
                     &json
                 };
                 match entry.outbox.push(frame.clone(), capacity) {
-                    Push::Queued => self.inner.metrics.deliveries.inc(),
-                    Push::Overflowed => self.inner.metrics.slow_consumer_drops.inc(),
+                    Push::Queued { first } => {
+                        metrics.deliveries.inc();
+                        if first {
+                            touched.push(Arc::clone(&entry.outbox));
+                        }
+                    }
+                    Push::Overflowed => metrics.slow_consumer_drops.inc(),
                     Push::Closing => {}
                 }
                 reached += 1;
             }
+        }
+        for outbox in touched {
+            outbox.flush(metrics);
         }
         reached
     }

@@ -1,17 +1,28 @@
-//! The bounded queue of frames waiting to be written to one connection.
+//! The bounded queue of frames waiting to be written to one connection, and the write path.
 //!
-//! Shard writer tasks push into it and never wait; the connection's own task takes everything
-//! queued in one swap and writes it with as few syscalls as it can. When a push finds the queue
-//! full the connection is marked for closing as a slow consumer, so nobody else waits for it.
+//! A shard's writer pushes a publish's frame into the outbox of every subscriber on the shard,
+//! then flushes each of those outboxes once, writing straight to the socket with one vectored,
+//! non-blocking write of everything queued. A connection whose socket is full is left to its
+//! own task, which waits for the socket to drain; the writer never waits. When a push finds the
+//! queue full, the connection is marked for closing as a slow consumer, so nobody else waits
+//! for it either.
 
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 
-/// Why the server is closing a connection on its own initiative.
+use crate::metrics::Metrics;
+
+/// Frames handed to one `writev` call at most.
+const MAX_IOV: usize = 64;
+
+/// Why a connection is closing on the server's initiative (or has stopped taking frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// The connection's queue overflowed: it reads slower than messages arrive.
@@ -20,6 +31,11 @@ pub enum CloseReason {
     GoingAway,
     /// The client sent nothing, not even a pong, for the idle timeout.
     IdleTimeout,
+    /// Writing to the socket failed: the client is gone.
+    WriteFailed,
+    /// The connection's own task is closing it (client close, protocol error); set so that
+    /// nothing more is queued meanwhile.
+    Closing,
 }
 
 impl CloseReason {
@@ -28,15 +44,18 @@ impl CloseReason {
         match self {
             CloseReason::SlowConsumer => 1008,
             CloseReason::GoingAway | CloseReason::IdleTimeout => 1001,
+            CloseReason::WriteFailed | CloseReason::Closing => 1000,
         }
     }
 
-    /// The close frame's reason text, also used in logs and metrics.
+    /// The close frame's reason text, also used in logs.
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::GoingAway => "going away",
             CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::WriteFailed => "write failed",
+            CloseReason::Closing => "closing",
         }
     }
 }
@@ -44,74 +63,187 @@ impl CloseReason {
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// The frame is queued.
-    Queued,
+    /// The frame is queued. `first` says the queue was empty before, so whoever pushed should
+    /// see that the outbox gets flushed.
+    Queued {
+        /// The queue was empty before this frame.
+        first: bool,
+    },
     /// The queue was full: the connection is now closing as a slow consumer and the frame was
     /// dropped. Returned once per connection, so the caller can count and log the drop.
     Overflowed,
-    /// The connection is already closing; the frame was dropped.
+    /// The connection is closing; the frame was dropped.
     Closing,
 }
 
 /// What the connection task is told when it waits on its outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// Frames are queued.
-    Frames,
-    /// The server wants the connection closed.
+    /// The socket filled up (or drained) since the task last looked: it must now wait for the
+    /// socket to be writable (or stop waiting).
+    BlockedChanged,
+    /// The connection must close.
     Close(CloseReason),
 }
 
 /// One connection's outgoing queue, shared (in an `Arc`) by the connection task and the
-/// registry. Holds no heap memory until the first frame is queued.
+/// registry. Holds no heap memory while nothing is queued.
 #[derive(Debug)]
 pub struct Outbox {
-    /// Locked only for a push or a swap, never across a write or an `.await`.
+    /// Locked for a push or to take or return frames, never across a write or an `.await`.
     state: Mutex<State>,
     /// When the client last sent anything, in milliseconds of the registry's clock; written by
     /// the connection task, read by the shard's housekeeping.
     last_active_ms: AtomicU64,
+    /// The socket frames are written to; `None` for connections without one (benchmarks).
+    socket: Option<Arc<TcpStream>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
-    /// Frames taken by the connection task and not yet fully written; they count toward the
-    /// capacity so that taking a batch does not double the bound.
+    /// Bytes of `frames[0]` already written.
+    head_written: usize,
+    /// Frames taken by a flush in progress; they count toward the capacity.
     in_flight: usize,
+    /// A flush is writing to the socket; nobody else may.
+    writing: bool,
+    /// The socket is full: only the connection task flushes, once it is writable again.
+    blocked: bool,
     close: Option<CloseReason>,
-    /// The connection task's waker, when it is waiting for frames or a close.
+    /// The connection task's waker, when it is waiting.
     waker: Option<Waker>,
 }
 
+/// What [`Outbox::flush`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Nothing is left to write (or someone else is writing it).
+    Done,
+    /// The socket is full; the connection task has been told to wait for it.
+    Blocked,
+    /// Writing failed: the client is gone, and the connection is closing.
+    Failed,
+}
+
 impl Outbox {
-    /// An empty outbox for a client that was last active at `now_ms`.
-    pub fn new(now_ms: u64) -> Self {
+    /// An empty outbox writing to `socket`, for a client last active at `now_ms`.
+    pub fn new(socket: Option<Arc<TcpStream>>, now_ms: u64) -> Self {
         Self {
             state: Mutex::new(State::default()),
             last_active_ms: AtomicU64::new(now_ms),
+            socket,
         }
     }
 
-    /// Queues `frame` unless that would put more than `capacity` frames in the queue.
+    /// Queues `frame` unless that would put more than `capacity` frames in the queue. Does not
+    /// write: call [`Outbox::flush`] after the pushes of a batch.
     pub fn push(&self, frame: Bytes, capacity: usize) -> Push {
-        let waker = {
-            let mut state = self.state.lock();
-            if state.close.is_some() {
-                return Push::Closing;
-            }
-            if state.frames.len() + state.in_flight >= capacity {
-                state.close = Some(CloseReason::SlowConsumer);
-                let waker = state.waker.take();
-                drop(state);
-                wake(waker);
-                return Push::Overflowed;
-            }
-            state.frames.push_back(frame);
-            state.waker.take()
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return Push::Closing;
+        }
+        if state.frames.len() + state.in_flight >= capacity {
+            state.close = Some(CloseReason::SlowConsumer);
+            let waker = state.waker.take();
+            drop(state);
+            wake(waker);
+            return Push::Overflowed;
+        }
+        let first = state.frames.is_empty();
+        state.frames.push_back(frame);
+        Push::Queued { first }
+    }
+
+    /// Writes what is queued, now, without blocking: one vectored write per `MAX_IOV` frames
+    /// until the queue is empty or the socket is full. Frames pushed meanwhile (from another
+    /// thread) are written in the same call. Does nothing while another flush is writing, while
+    /// the socket is known to be full, or once the connection is closing.
+    pub fn flush(&self, metrics: &Metrics) -> Flushed {
+        self.flush_inner(metrics, false)
+    }
+
+    /// [`Outbox::flush`] for the connection's own task while it closes: writes even though a
+    /// close was asked for (that is how the close frame goes out).
+    pub fn flush_closing(&self, metrics: &Metrics) -> Flushed {
+        self.flush_inner(metrics, true)
+    }
+
+    fn flush_inner(&self, metrics: &Metrics, closing: bool) -> Flushed {
+        let Some(socket) = &self.socket else {
+            return Flushed::Done;
         };
-        wake(waker);
-        Push::Queued
+        let (mut batch, mut head) = {
+            let mut state = self.state.lock();
+            if state.writing || (state.close.is_some() && !closing) {
+                return Flushed::Done;
+            }
+            if state.blocked {
+                return Flushed::Blocked;
+            }
+            if state.frames.is_empty() {
+                return Flushed::Done;
+            }
+            state.writing = true;
+            state.in_flight = state.frames.len();
+            let head = std::mem::take(&mut state.head_written);
+            (std::mem::take(&mut state.frames), head)
+        };
+        loop {
+            metrics.queue_depth.observe(batch.len() as f64);
+            let result = write_batch(socket, &mut batch, &mut head, metrics);
+            let mut state = self.state.lock();
+            match result {
+                Ok(true) if !state.frames.is_empty() && (state.close.is_none() || closing) => {
+                    // Pushed while we wrote: take those too, reusing the emptied buffer.
+                    std::mem::swap(&mut state.frames, &mut batch);
+                    state.in_flight = batch.len();
+                    continue;
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    // Socket full: the unwritten frames go back in front of any new ones, and
+                    // the connection task takes over once the socket drains.
+                    batch.extend(state.frames.drain(..));
+                    state.frames = batch;
+                    state.head_written = head;
+                    state.blocked = true;
+                }
+                Err(_) => {
+                    state.close.get_or_insert(CloseReason::WriteFailed);
+                }
+            }
+            state.writing = false;
+            state.in_flight = 0;
+            let outcome = match result {
+                Err(_) => Flushed::Failed,
+                Ok(_) if state.blocked => Flushed::Blocked,
+                Ok(_) => Flushed::Done,
+            };
+            let waker = if outcome == Flushed::Done && state.close.is_none() {
+                None
+            } else {
+                state.waker.take()
+            };
+            drop(state);
+            wake(waker);
+            return outcome;
+        }
+    }
+
+    /// Called by the connection task once the socket is writable again.
+    pub fn unblock(&self) {
+        self.state.lock().blocked = false;
+    }
+
+    /// Whether the socket was full at the last write.
+    pub fn is_blocked(&self) -> bool {
+        self.state.lock().blocked
+    }
+
+    /// Whether a flush is writing right now (from another thread).
+    pub fn is_writing(&self) -> bool {
+        self.state.lock().writing
     }
 
     /// Asks the connection to close for `reason`; the first reason given wins.
@@ -134,14 +266,15 @@ impl Outbox {
         self.state.lock().close
     }
 
-    /// Waits (as a poll function) for queued frames, when `want_frames`, or for a close.
-    pub fn poll_signal(&self, cx: &mut Context<'_>, want_frames: bool) -> Poll<Signal> {
+    /// Waits (as a poll function) for a close, or for the socket's blocked state to differ from
+    /// `blocked_seen`.
+    pub fn poll_signal(&self, cx: &mut Context<'_>, blocked_seen: bool) -> Poll<Signal> {
         let mut state = self.state.lock();
         if let Some(reason) = state.close {
             return Poll::Ready(Signal::Close(reason));
         }
-        if want_frames && !state.frames.is_empty() {
-            return Poll::Ready(Signal::Frames);
+        if state.blocked != blocked_seen {
+            return Poll::Ready(Signal::BlockedChanged);
         }
         match &mut state.waker {
             Some(waker) => waker.clone_from(cx.waker()),
@@ -150,21 +283,27 @@ impl Outbox {
         Poll::Pending
     }
 
-    /// Moves every queued frame into `batch` (which must be empty) in one swap; the queue
-    /// keeps `batch`'s old buffer for the next frames, so a busy connection allocates nothing.
-    /// The frames stay counted against the capacity until [`Outbox::finish_batch`].
-    pub fn take_batch(&self, batch: &mut VecDeque<Bytes>) {
-        debug_assert!(batch.is_empty());
+    /// Prepares the queue for the close frame: keeps every queued frame (`keep_queued`) or only
+    /// a partly written one (which must be finished to keep the framing valid), then appends
+    /// `close_frame`, past any capacity. Call once no flush is writing.
+    pub fn queue_close(&self, close_frame: Bytes, keep_queued: bool) {
         let mut state = self.state.lock();
-        if !state.frames.is_empty() {
-            std::mem::swap(&mut state.frames, batch);
+        if !keep_queued {
+            let keep = usize::from(state.head_written > 0);
+            state.frames.truncate(keep);
         }
-        state.in_flight = batch.len();
+        state.frames.push_back(close_frame);
     }
 
-    /// Marks the last batch written.
-    pub fn finish_batch(&self) {
-        self.state.lock().in_flight = 0;
+    /// Whether nothing is left to write.
+    pub fn is_empty(&self) -> bool {
+        let state = self.state.lock();
+        state.frames.is_empty() && !state.writing
+    }
+
+    /// Drops every queued frame (for connections without a socket, such as in benchmarks).
+    pub fn clear(&self) {
+        self.state.lock().frames = VecDeque::new();
     }
 
     /// Records that the client just sent something.
@@ -190,43 +329,87 @@ fn wake(waker: Option<Waker>) {
     }
 }
 
+/// Writes as much of `batch` as the socket takes now, in vectored writes. Returns `Ok(true)`
+/// once all of it is written and `Ok(false)` when the socket would block.
+fn write_batch(
+    socket: &TcpStream,
+    batch: &mut VecDeque<Bytes>,
+    head_written: &mut usize,
+    metrics: &Metrics,
+) -> io::Result<bool> {
+    while !batch.is_empty() {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
+            let bytes = if count == 0 {
+                &frame[*head_written..]
+            } else {
+                &frame[..]
+            };
+            *slot = IoSlice::new(bytes);
+            count += 1;
+        }
+        let mut written = match socket.try_write_vectored(&slices[..count]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                metrics.bytes_sent.inc_by(written as u64);
+                written
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        while written > 0 {
+            let remaining = batch[0].len() - *head_written;
+            if written >= remaining {
+                written -= remaining;
+                batch.pop_front();
+                *head_written = 0;
+            } else {
+                *head_written += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn overflow_closes_once_and_counts_in_flight_frames() {
-        let outbox = Outbox::new(0);
-        assert_eq!(outbox.push(Bytes::from_static(b"a"), 2), Push::Queued);
-        let mut batch = VecDeque::new();
-        outbox.take_batch(&mut batch);
-        assert_eq!(batch.len(), 1);
-        assert_eq!(outbox.push(Bytes::from_static(b"b"), 2), Push::Queued);
+    fn overflow_closes_once() {
+        let outbox = Outbox::new(None, 0);
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"a"), 2),
+            Push::Queued { first: true }
+        );
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"b"), 2),
+            Push::Queued { first: false }
+        );
         assert_eq!(outbox.depth(), 2);
         assert_eq!(outbox.push(Bytes::from_static(b"c"), 2), Push::Overflowed);
         assert_eq!(outbox.push(Bytes::from_static(b"d"), 2), Push::Closing);
         assert!(!outbox.close(CloseReason::GoingAway), "first reason wins");
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
+        let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(
-            outbox.poll_signal(&mut cx, true),
+            outbox.poll_signal(&mut cx, false),
             Poll::Ready(Signal::Close(CloseReason::SlowConsumer))
         );
     }
 
     #[test]
-    fn batches_swap_buffers_and_release_the_bound() {
-        let outbox = Outbox::new(0);
-        let mut batch = VecDeque::new();
-        outbox.take_batch(&mut batch);
-        assert_eq!(batch.capacity(), 0, "nothing queued, nothing allocated");
-        outbox.push(Bytes::from_static(b"a"), 1);
-        outbox.take_batch(&mut batch);
-        assert_eq!(batch.len(), 1);
-        assert_eq!(outbox.push(Bytes::from_static(b"b"), 2), Push::Queued);
-        batch.clear();
-        outbox.finish_batch();
-        assert_eq!(outbox.depth(), 1);
-        assert_eq!(outbox.push(Bytes::from_static(b"c"), 2), Push::Queued);
+    fn close_keeps_only_a_partly_written_frame() {
+        let outbox = Outbox::new(None, 0);
+        outbox.push(Bytes::from_static(b"aa"), 8);
+        outbox.push(Bytes::from_static(b"bb"), 8);
+        outbox.state.lock().head_written = 1;
+        outbox.queue_close(Bytes::from_static(b"close"), false);
+        let frames: Vec<_> = outbox.state.lock().frames.iter().cloned().collect();
+        assert_eq!(
+            frames,
+            [Bytes::from_static(b"aa"), Bytes::from_static(b"close")]
+        );
     }
 }

@@ -13,8 +13,11 @@ use tokio::sync::mpsc;
 use super::outbox::{CloseReason, Outbox, Push};
 use super::{Format, Inner};
 
-/// How many queued deliveries the writer takes per lock of the shard.
+/// How many queued deliveries the writer takes per round: one round pushes them all, then
+/// writes each touched connection once.
 const WRITER_BATCH: usize = 64;
+/// How many connections the writer flushes before it lets other tasks run.
+const FLUSHES_PER_YIELD: usize = 128;
 
 /// A frame (or pair of frames) to push to the connections it is meant for.
 #[derive(Debug)]
@@ -30,6 +33,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A delivery of `json` (and `raw`) to the subscribers of `channel`, or to every
+    /// connection.
+    pub fn new(channel: Option<Arc<str>>, json: Bytes, raw: Option<Bytes>) -> Self {
+        Self {
+            channel,
+            json,
+            raw,
+            published_at: Instant::now(),
+        }
+    }
+
     fn frame_for(&self, format: Format) -> Option<&Bytes> {
         match format {
             Format::Json => Some(&self.json),
@@ -140,8 +154,10 @@ pub struct Shard {
     pub tx: mpsc::Sender<Arc<Delivery>>,
 }
 
-/// Deliveries a shard's writer queue holds before publishers wait.
-pub const WRITER_QUEUE: usize = 4096;
+/// Deliveries a shard's writer queue holds before publishers wait. Small on purpose: under a
+/// saturating load, latency is the backlog divided by the throughput, and this queue plus the
+/// round in progress is the backlog. 32 deliveries per round still share each write.
+pub const WRITER_QUEUE: usize = 64;
 
 impl Shard {
     /// A shard and the receiving end of its writer queue.
@@ -155,12 +171,23 @@ impl Shard {
     }
 }
 
-/// The writer task: pushes every delivery into the outboxes of the shard's connections it is
-/// meant for. Never waits on a connection: a full outbox closes that connection instead.
-/// Ends when the registry is dropped.
+/// The writer task: pushes every delivery of a batch into the outboxes of the shard's
+/// connections it is meant for, then flushes each of those outboxes once, writing straight to
+/// the sockets. Never waits on a connection: a full socket is left to the connection's own
+/// task, and a full outbox closes that connection. Ends when the registry is dropped.
 pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver<Arc<Delivery>>) {
     let mut batch = Vec::with_capacity(WRITER_BATCH);
+    let mut touched: Vec<Arc<Outbox>> = Vec::new();
     while rx.recv_many(&mut batch, WRITER_BATCH).await > 0 {
+        // Let the tasks that are ready to publish run first, and take what they queued too:
+        // every delivery in a batch shares one write per connection.
+        tokio::task::yield_now().await;
+        while batch.len() < WRITER_BATCH {
+            match rx.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(_) => break,
+            }
+        }
         let Some(inner) = inner.upgrade() else { return };
         let capacity = inner.limits.queue_capacity;
         let shard = &inner.shards[index];
@@ -168,13 +195,18 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         let mut overflowed = 0u64;
         {
             let state = shard.state.lock();
-            for delivery in batch.drain(..) {
+            for delivery in &batch {
                 let mut push = |entry: &Entry| {
                     let Some(frame) = delivery.frame_for(entry.format) else {
                         return;
                     };
                     match entry.outbox.push(frame.clone(), capacity) {
-                        Push::Queued => queued += 1,
+                        Push::Queued { first } => {
+                            queued += 1;
+                            if first {
+                                touched.push(Arc::clone(&entry.outbox));
+                            }
+                        }
                         Push::Overflowed => {
                             overflowed += 1;
                             tracing::warn!(
@@ -200,6 +232,16 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
                     .observe(delivery.published_at.elapsed().as_secs_f64());
             }
         }
+        // Outside the shard lock: one write per connection for the whole batch. Yielding now
+        // and then lets publishers go on meanwhile, so the next batch carries more deliveries
+        // and each write carries more frames.
+        for (done, outbox) in touched.drain(..).enumerate() {
+            outbox.flush(&inner.metrics);
+            if done % FLUSHES_PER_YIELD == FLUSHES_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        batch.clear();
         inner.metrics.deliveries.inc_by(queued);
         inner.metrics.slow_consumer_drops.inc_by(overflowed);
     }
@@ -216,6 +258,7 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
         let Some(inner) = inner.upgrade() else { return };
         let now = inner.clock.now_ms();
         let limits = &inner.limits;
+        let mut pinged = Vec::new();
         let mut state = inner.shards[index].state.lock();
         for (_, entry) in state.conns.iter_mut() {
             let quiet = now.saturating_sub(entry.outbox.last_active_ms());
@@ -227,12 +270,18 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
                 && now.saturating_sub(entry.pinged_ms) >= limits.ping_interval_ms
             {
                 entry.pinged_ms = now;
-                entry
+                let push = entry
                     .outbox
                     .push(super::ping_frame(), limits.queue_capacity);
+                if push == (Push::Queued { first: true }) {
+                    pinged.push(Arc::clone(&entry.outbox));
+                }
             }
         }
         drop(state);
+        for outbox in pinged {
+            outbox.flush(&inner.metrics);
+        }
         if index == 0 && now.saturating_sub(last_sweep_ms) >= SWEEP_EVERY_MS {
             last_sweep_ms = now;
             inner.channels.sweep(now);
