@@ -6,7 +6,9 @@
 # usage: scripts/bench-peers.sh [SERVER ...]      (default: herald axum-broadcast node-ws nchan fastapi-seed)
 # env:   RUNS=3                 runs per cell (the table shows the median); RUNS=1 for a quick pass
 #        SCENARIOS="..."        subset of: fanout-1k-64 fanout-1k-1k fanout-10k-64 fanout-10k-1k
-#                               idle-10k idle-15k slow-10of1k   (idle-15k runs for herald only)
+#                               idle-10k idle-15k slow-10of1k echo-50 handshakes
+#                               (idle-15k runs for herald only; echo-50 and handshakes for servers
+#                               with an echo URL)
 #        DURATION=8s            publishing time per fan-out run (closed loop, 4 HTTP keep-alive
 #                               connections, 16 publishes in flight)
 #        PEERS_DIR=...          where the peers are (default: ../shared/peers or /work/shared/peers);
@@ -20,7 +22,7 @@ cd "$ROOT"
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8s}
-SCENARIOS=${SCENARIOS:-"fanout-1k-64 fanout-1k-1k fanout-10k-64 fanout-10k-1k idle-10k idle-15k slow-10of1k"}
+SCENARIOS=${SCENARIOS:-"fanout-1k-64 fanout-1k-1k fanout-10k-64 fanout-10k-1k idle-10k idle-15k slow-10of1k echo-50 handshakes"}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 OUT_DIR=$ROOT/target/bench
@@ -59,7 +61,8 @@ trap stop_server EXIT
 free_port() {
   local port
   for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 30000))
+    # Below the kernel's ephemeral range (32768-60999), so no client socket holds it.
+    port=$((20000 + RANDOM % 12000))
     if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "$port"; return 0; fi
   done
   return 1
@@ -78,13 +81,15 @@ start_server() {
     done
     SUB_URL="ws://127.0.0.1:$port/ws?channels=bench"
     PUB_URL="http://127.0.0.1:$port/api/publish/bench"
+    ECHO_URL="ws://127.0.0.1:$port/echo"
   else
     [ -n "${PEERS:-}" ] && [ -x "$PEERS/$name/start.sh" ] || { echo "no peer $name" >&2; return 1; }
     SERVER_PID=$(SERVER_CPU=$SERVER_CPU LOG_DIR=$LOG_DIR "$PEERS/$name/start.sh" "$port" | tail -n 1)
     # shellcheck disable=SC1090
-    (. "$PEERS/$name/peer.env"; echo "$SUB_URL"; echo "$PUB_URL") >"$LOG_DIR/urls"
+    (. "$PEERS/$name/peer.env"; echo "$SUB_URL"; echo "$PUB_URL"; echo "${ECHO_URL:-}") >"$LOG_DIR/urls"
     SUB_URL=$(sed -n 1p "$LOG_DIR/urls" | sed "s/{port}/$port/")
     PUB_URL=$(sed -n 2p "$LOG_DIR/urls" | sed "s/{port}/$port/")
+    ECHO_URL=$(sed -n 3p "$LOG_DIR/urls" | sed "s/{port}/$port/")
   fi
 }
 
@@ -97,6 +102,8 @@ scenario_args() {
     slow-10of1k) echo "slow --subscribers 1000 --slow 10 --size 64 --messages 200000 --duration $DURATION" ;;
     idle-10k) echo "idle --connections 10000 --settle 3s" ;;
     idle-15k) echo "idle --connections 15000 --settle 3s" ;;
+    echo-50) echo "echo --connections 50 --size 64 --duration $DURATION" ;;
+    handshakes) echo "handshakes --count 20000 --concurrency 64" ;;
     *) echo "unknown scenario $1" >&2; return 1 ;;
   esac
 }
@@ -113,6 +120,9 @@ for server in "${SERVERS[@]}"; do
       fi
       if [ "${args[0]}" = idle ]; then
         urls=(--url "$SUB_URL")
+      elif [ "${args[0]}" = echo ] || [ "${args[0]}" = handshakes ]; then
+        if [ -z "$ECHO_URL" ]; then stop_server; continue; fi
+        urls=(--url "$ECHO_URL")
       else
         urls=(--sub-url "$SUB_URL" --pub-url "$PUB_URL" --pub-connections 4 --in-flight 16)
       fi
@@ -173,6 +183,8 @@ cols = [
     ("idle bytes/conn (10k)", "idle-10k", lambda r: r.get("bytes_per_connection"), lambda v: "–" if v is None else f"{v/1000:.1f} KB", False),
     ("idle bytes/conn (15k)", "idle-15k", lambda r: r.get("bytes_per_connection"), lambda v: "–" if v is None else f"{v/1000:.1f} KB", False),
     ("slow 10/1000: rest", "slow-10of1k", lambda r: r.get("deliveries_per_s"), fmt_rate, True),
+    ("echo round trips/s (50 conns, 64 B)", "echo-50", lambda r: r.get("round_trips_per_s"), fmt_rate, True),
+    ("handshakes/s", "handshakes", lambda r: r.get("handshakes_per_s"), fmt_rate, True),
 ]
 print(f"\n### herald-bench results (run {run_id}, median of up to {max([r['run'] for r in rows] or [0])} runs)\n")
 print("| server | " + " | ".join(c[0] for c in cols) + " | slow: dropped / RSS growth | lost (all runs) |")
