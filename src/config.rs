@@ -38,6 +38,12 @@ pub struct Config {
     /// On shutdown, how long connections get to take their close frame before the server exits
     /// anyway. Default 5 s.
     pub shutdown_grace: Duration,
+    /// Keys that authorize `/api/*` requests (`Authorization: Bearer <key>`). Default none, in
+    /// which case `/api/*` answers only clients on a loopback address.
+    pub api_keys: Vec<String>,
+    /// Browser origins allowed to open WebSockets (`*` for any). Default empty: only pages
+    /// served from the same host as the request (and clients that send no `Origin`).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -52,6 +58,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -65,6 +73,9 @@ pub enum ConfigError {
     /// A duration that must be positive was zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
+    /// An API key is the empty string, which would let anyone in.
+    #[error("an api-key must not be empty")]
+    EmptyApiKey,
     /// The idle timeout is not longer than the ping interval, so a healthy client that answers
     /// every ping would still be closed.
     #[error("idle-timeout ({idle:?}) must be longer than ping-interval ({ping:?})")]
@@ -131,6 +142,18 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::api_keys`].
+    pub fn api_keys(mut self, keys: Vec<String>) -> Self {
+        self.api_keys = keys;
+        self
+    }
+
+    /// Sets [`Config::allowed_origins`].
+    pub fn allowed_origins(mut self, origins: Vec<String>) -> Self {
+        self.allowed_origins = origins;
+        self
+    }
+
     /// Checks that the values make a server that can run.
     ///
     /// # Errors
@@ -155,6 +178,9 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if self.api_keys.iter().any(String::is_empty) {
+            return Err(ConfigError::EmptyApiKey);
         }
         if self.idle_timeout <= self.ping_interval {
             return Err(ConfigError::IdleNotAfterPing {

@@ -40,6 +40,20 @@ struct Cli {
     /// A WebSocket client silent for this long is closed.
     #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Key that authorizes publish API requests (`Authorization: Bearer <key>`); repeat the
+    /// flag (or separate with commas in the variable) for several. Without one, /api/* answers
+    /// loopback clients only.
+    #[arg(
+        long = "api-key",
+        env = "HERALD_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// Browser origins allowed to open WebSockets, comma-separated (`*`: any). Default: only
+    /// pages from the same host, and clients that send no Origin.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -59,6 +73,8 @@ impl Cli {
             .ping_interval(self.ping_interval)
             .idle_timeout(self.idle_timeout)
             .shutdown_grace(self.shutdown_grace)
+            .api_keys(self.api_keys.clone())
+            .allowed_origins(self.allowed_origins.clone())
     }
 }
 

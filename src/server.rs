@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    if config.api_keys.is_empty() {
+        tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
+    }
     let registry = Registry::new(&config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
@@ -55,7 +59,7 @@ pub async fn run(
     let (close_tx, close_rx) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -69,6 +73,7 @@ pub async fn run(
         match Arc::clone(&limit).try_acquire_owned() {
             Ok(permit) => serve_http(
                 stream,
+                peer,
                 Arc::clone(&state),
                 Arc::new(Mutex::new(Some(permit))),
                 close_rx.clone(),
@@ -102,6 +107,7 @@ pub async fn run(
 
 fn serve_http(
     stream: TcpStream,
+    peer: SocketAddr,
     state: Arc<AppState>,
     slot: http::ConnectionSlot,
     mut close_rx: watch::Receiver<()>,
@@ -115,7 +121,7 @@ fn serve_http(
         let service = service_fn(move |req| {
             let state = Arc::clone(&state);
             let slot = Arc::clone(&slot);
-            async move { Ok::<_, std::convert::Infallible>(http::handle(req, state, slot).await) }
+            async move { Ok::<_, std::convert::Infallible>(http::handle(req, state, slot, peer).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

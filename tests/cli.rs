@@ -35,6 +35,8 @@ fn help_and_version() {
         "--ping-interval",
         "--idle-timeout",
         "--shutdown-grace",
+        "--api-key",
+        "--allowed-origins",
         "HERALD_LISTEN",
     ] {
         assert!(text.contains(flag), "--help mentions {flag}");

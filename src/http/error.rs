@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 use crate::name::NameError;
@@ -60,6 +60,15 @@ pub enum HttpError {
     /// The request headers add up to more than [`MAX_HEADER_BYTES`].
     #[error("request headers larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
+    /// `/api/*` without the right `Authorization: Bearer` key (keys are configured).
+    #[error("a valid API key is required: Authorization: Bearer <key>")]
+    Unauthorized,
+    /// `/api/*` from a non-loopback client while no API key is configured.
+    #[error("the publish API answers only loopback clients unless --api-key is set")]
+    PublisherNotLocal,
+    /// A WebSocket upgrade from a browser origin that is not allowed.
+    #[error("origin not allowed (see --allowed-origins)")]
+    OriginNotAllowed,
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -83,6 +92,8 @@ impl HttpError {
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::UriTooLong => StatusCode::URI_TOO_LONG,
             HttpError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::PublisherNotLocal | HttpError::OriginNotAllowed => StatusCode::FORBIDDEN,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Handshake(_)
@@ -114,6 +125,9 @@ impl HttpError {
             HttpError::ClientNotFound(_) => "client_not_found",
             HttpError::UriTooLong => "uri_too_long",
             HttpError::RequestTimeout => "request_timeout",
+            HttpError::Unauthorized => "unauthorized",
+            HttpError::PublisherNotLocal => "publisher_not_local",
+            HttpError::OriginNotAllowed => "origin_not_allowed",
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
         }
@@ -133,6 +147,9 @@ impl HttpError {
             }
             HttpError::Handshake(HandshakeError::UnsupportedVersion) => {
                 headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            HttpError::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             _ => {}
         }

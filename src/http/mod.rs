@@ -12,11 +12,16 @@
 //! | `/api/channels` | GET | channels with subscribers |
 //! | `/api/stats` | GET | connection and delivery counters |
 //! | `/metrics` | GET | Prometheus metrics |
+//!
+//! `/api/*` needs an API key when keys are configured, and a loopback client otherwise; a
+//! WebSocket upgrade from a browser must come from an allowed origin (see `access`).
 
+mod access;
 mod api;
 mod error;
 mod upgrade;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -55,8 +60,9 @@ pub async fn handle(
     req: Request<Incoming>,
     state: Arc<AppState>,
     slot: ConnectionSlot,
+    peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    route(req, &state, &slot)
+    route(req, &state, &slot, peer)
         .await
         .unwrap_or_else(HttpError::into_response)
 }
@@ -65,9 +71,15 @@ async fn route(
     req: Request<Incoming>,
     state: &Arc<AppState>,
     slot: &ConnectionSlot,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     check_head_size(&req)?;
     let path = req.uri().path().to_owned();
+    if path.starts_with("/api/") {
+        access::check_publisher(req.headers(), peer, &state.config.api_keys)?;
+    } else if path == "/ws" || path == "/echo" {
+        access::check_origin(req.headers(), &state.config.allowed_origins)?;
+    }
     let method = req.method().clone();
     let allow = |expected: &Method, allow: &'static str| {
         if method == *expected {
