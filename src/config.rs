@@ -38,6 +38,10 @@ pub struct Config {
     /// On shutdown, how long connections get to take their close frame before the server exits
     /// anyway. Default 5 s.
     pub shutdown_grace: Duration,
+    /// Publishes (and direct sends) per second one WebSocket connection may make, with bursts
+    /// of as many; 0 for no limit. Default 50: plenty for a chat client, and a flooding client
+    /// cannot make the server fan out more than that on its behalf.
+    pub client_publish_rate: u32,
     /// Keys that authorize `/api/*` requests (`Authorization: Bearer <key>`). Default none, in
     /// which case `/api/*` answers only clients on a loopback address.
     pub api_keys: Vec<String>,
@@ -58,6 +62,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            client_publish_rate: 50,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
         }
@@ -139,6 +144,12 @@ impl Config {
     /// Sets [`Config::shutdown_grace`].
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// Sets [`Config::client_publish_rate`].
+    pub fn client_publish_rate(mut self, per_second: u32) -> Self {
+        self.client_publish_rate = per_second;
         self
     }
 

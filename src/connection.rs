@@ -19,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
+use crate::rate::{RateLimit, Verdict};
 use crate::registry::{
     CloseReason, ConnId, Flushed, Format, Outbox, Push, Registry, Signal, SubscribeError,
 };
@@ -81,6 +82,7 @@ pub fn spawn(
         format: session.format,
         decoder: Decoder::new(max_message_bytes),
         read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
+        rate: RateLimit::new(registry.client_publish_rate(), registry.now_ms()),
         input_paused: false,
         _permit: permit,
     };
@@ -153,6 +155,8 @@ struct Connection {
     decoder: Decoder,
     /// Bytes read and not yet decoded; `None` whenever no partial frame is pending.
     read_buf: Option<BytesMut>,
+    /// The client's publish rate limit.
+    rate: RateLimit,
     /// Decoding stopped because replies filled half the queue and the socket is full: neither
     /// decode nor read until it drains.
     input_paused: bool,
@@ -237,7 +241,11 @@ impl Connection {
                 Input::End(ending) => return Some(ending),
                 // Boxed: a publish's state is needed only while it runs, not in every idle
                 // connection's future.
-                Input::Request(payload) => Box::pin(self.handle_request(payload)).await,
+                Input::Request(payload) => {
+                    if let Some(ending) = Box::pin(self.handle_request(payload)).await {
+                        return Some(ending);
+                    }
+                }
             }
         }
     }
@@ -342,11 +350,12 @@ impl Connection {
         Input::Done
     }
 
-    /// Carries out one request from a json client and queues the reply.
-    async fn handle_request(&mut self, payload: Bytes) {
+    /// Carries out one request from a json client and queues the reply. Returns how the
+    /// connection ends when the client keeps publishing over its rate limit.
+    async fn handle_request(&mut self, payload: Bytes) -> Option<Ending> {
         let Ok(text) = std::str::from_utf8(&payload) else {
             // The decoder validated it; nothing to do if that ever changed.
-            return;
+            return None;
         };
         let parsed = protocol::parse_request(text);
         let id = parsed.id;
@@ -354,16 +363,35 @@ impl Connection {
             Ok(request) => request,
             Err(err) => {
                 self.reply(protocol::error_frame(id, err.code(), &err.to_string()));
-                return;
+                return None;
             }
         };
+        if matches!(request, Request::Publish { .. } | Request::Send { .. }) {
+            let rate = self.registry.client_publish_rate();
+            match self.rate.check(rate, self.registry.now_ms()) {
+                Verdict::Allowed => {}
+                Verdict::Refused => {
+                    let message = format!("over {rate} publishes per second");
+                    self.reply(protocol::error_frame(id, "rate_limited", &message));
+                    return None;
+                }
+                Verdict::Exceeded => {
+                    return Some(Ending::Close {
+                        by: ClosedBy::ProtocolError,
+                        code: Some(CloseCode::POLICY_VIOLATION),
+                        reason: Cow::Borrowed("rate limit exceeded"),
+                        flush: true,
+                    });
+                }
+            }
+        }
         let reply = match request {
             Request::Subscribe { channel } => match self.registry.subscribe(self.id, &channel) {
                 Ok(_) => protocol::subscription_frame(true, id, &channel),
                 Err(err @ SubscribeError::TooMany(_)) => {
                     protocol::error_frame(id, "too_many_subscriptions", &err.to_string())
                 }
-                Err(SubscribeError::Gone) => return,
+                Err(SubscribeError::Gone) => return None,
             },
             Request::Unsubscribe { channel } => {
                 if self.registry.unsubscribe(self.id, &channel) {
@@ -398,6 +426,7 @@ impl Connection {
             }
         };
         self.reply(reply);
+        None
     }
 
     /// Queues a frame for this connection itself. Replies count against the queue like any
@@ -506,6 +535,7 @@ mod tests {
             format: Format::Json,
             decoder: Decoder::new(1024),
             read_buf: None,
+            rate: RateLimit::new(50, 0),
             input_paused: false,
             _permit: None,
         };

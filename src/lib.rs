@@ -11,6 +11,7 @@
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
 //! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
+//! - [`rate`]: the per-connection publish rate limit.
 //! - [`name`]: channel name and client id rules.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`config`]: every limit, with its default and the reason for it.
@@ -22,6 +23,7 @@ pub mod http;
 pub mod metrics;
 pub mod name;
 pub mod protocol;
+pub mod rate;
 pub mod registry;
 pub mod server;
 pub mod ws;

@@ -40,6 +40,9 @@ struct Cli {
     /// A WebSocket client silent for this long is closed.
     #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Publishes per second one WebSocket client may make (bursts of as many; 0: no limit).
+    #[arg(long, env = "HERALD_CLIENT_PUBLISH_RATE", default_value_t = 50)]
+    client_publish_rate: u32,
     /// Key that authorizes publish API requests (`Authorization: Bearer <key>`); repeat the
     /// flag (or separate with commas in the variable) for several. Without one, /api/* answers
     /// loopback clients only.
@@ -73,6 +76,7 @@ impl Cli {
             .ping_interval(self.ping_interval)
             .idle_timeout(self.idle_timeout)
             .shutdown_grace(self.shutdown_grace)
+            .client_publish_rate(self.client_publish_rate)
             .api_keys(self.api_keys.clone())
             .allowed_origins(self.allowed_origins.clone())
     }

@@ -86,3 +86,33 @@ async fn allowed_origins_replace_the_same_host_rule() {
     let evil = format!("{UPGRADE}host: {addr}\r\norigin: http://evil.example\r\n\r\n");
     assert_eq!(raw_exchange(addr, evil.as_bytes()).await.0, 101);
 }
+
+#[tokio::test]
+async fn client_publishes_over_the_rate_are_refused_then_closed() {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start(Config::default().client_publish_rate(5)).await;
+    let (mut ws, _) = server.connect_json("").await;
+    let publish = r#"{"type":"publish","channel":"c","data":1}"#;
+    // The burst: 5 allowed, then refused with an error frame, the connection still open.
+    for _ in 0..5 {
+        ws.send(Message::text(publish)).await.expect("send");
+        assert_eq!(common::recv_json(&mut ws).await["type"], "published");
+    }
+    ws.send(Message::text(publish)).await.expect("send");
+    let refused = common::recv_json(&mut ws).await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    // Subscribing is not publishing: not limited.
+    ws.send(Message::text(r#"{"type":"subscribe","channel":"c"}"#))
+        .await
+        .expect("send");
+    assert_eq!(common::recv_json(&mut ws).await["type"], "subscribed");
+    // Keeping on regardless closes the connection with 1008.
+    for _ in 0..5 {
+        let _ = ws.send(Message::text(publish)).await;
+    }
+    assert_eq!(
+        common::expect_close(&mut ws).await,
+        (1008, "rate limit exceeded".to_owned())
+    );
+}

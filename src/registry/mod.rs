@@ -105,6 +105,7 @@ pub struct StatsSnapshot {
 struct Limits {
     queue_capacity: usize,
     max_subscriptions: usize,
+    client_publish_rate: u32,
     ping_interval_ms: u64,
     idle_timeout_ms: u64,
 }
@@ -163,6 +164,7 @@ impl Registry {
             limits: Limits {
                 queue_capacity: config.queue_capacity,
                 max_subscriptions: config.max_subscriptions,
+                client_publish_rate: config.client_publish_rate,
                 ping_interval_ms: duration_ms(config.ping_interval),
                 idle_timeout_ms: duration_ms(config.idle_timeout),
             },
@@ -185,6 +187,11 @@ impl Registry {
     /// The registry clock, in milliseconds; pass it to [`Outbox::touch`].
     pub fn now_ms(&self) -> u64 {
         self.inner.clock.now_ms()
+    }
+
+    /// Publishes per second each client connection may make (0: no limit).
+    pub fn client_publish_rate(&self) -> u32 {
+        self.inner.limits.client_publish_rate
     }
 
     /// The configured outbox capacity, for connections pushing their own replies.
