@@ -91,6 +91,12 @@ pub fn strip_server_frame(frame: &[u8]) -> (u8, &[u8]) {
     (b0, &frame[header..])
 }
 
+/// The deepest nesting `serde_json::from_str::<serde_json::Value>` accepts
+/// with its default recursion limit (the deserializer starts with 128 and
+/// fails when a nested value takes it to 0). `check_json` asserts that
+/// serde_json reads every valid document up to this depth.
+pub const SERDE_JSON_MAX_DEPTH: usize = 127;
+
 /// The JSON payload of a single server text frame.
 pub fn text_frame_json(frame: &[u8]) -> Json {
     let (b0, payload) = strip_server_frame(frame);
@@ -103,8 +109,8 @@ pub fn text_frame_json(frame: &[u8]) -> Json {
 /// cross-checks serde_json: its syntax check (`IgnoredAny`, no depth limit)
 /// must agree, and building a `serde_json::Value` must succeed too unless the
 /// only problem is a number outside f64's range (valid JSON by RFC 8259's
-/// grammar, which Herald passes through untouched) or serde_json's nesting
-/// limit of 128, or an unpaired `\u` surrogate escape (RFC 8259 section 8.2:
+/// grammar, which Herald passes through untouched), nesting deeper than
+/// [`SERDE_JSON_MAX_DEPTH`], or an unpaired `\u` surrogate escape (RFC 8259 section 8.2:
 /// grammatically valid, meaning unpredictable).
 pub fn check_json(text: &str) -> Result<Json, String> {
     let ours = Json::parse(text);
@@ -120,16 +126,25 @@ pub fn check_json(text: &str) -> Result<Json, String> {
         "reference JSON parser ({ours:?}) and serde_json ({serde_syntax:?}) disagree on {text:?}"
     );
     if let Ok(value) = &ours {
-        if let Err(err) = serde_json::from_str::<serde_json::Value>(text) {
-            let msg = err.to_string();
-            assert!(
-                msg.contains("number out of range")
-                    || msg.contains("surrogate")
-                    || msg.contains("hex escape")
-                    || msg.contains("unicode code point")
-                    || (msg.contains("recursion limit") && value.depth() > 127),
-                "serde_json::Value refuses valid JSON ({msg}): {text:?}"
-            );
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Err(err) => {
+                let msg = err.to_string();
+                assert!(
+                    msg.contains("number out of range")
+                        || msg.contains("surrogate")
+                        || msg.contains("hex escape")
+                        || msg.contains("unicode code point")
+                        || (msg.contains("recursion limit")
+                            && value.depth() > SERDE_JSON_MAX_DEPTH),
+                    "serde_json::Value refuses valid JSON ({msg}): {text:?}"
+                );
+            }
+            // Keeps SERDE_JSON_MAX_DEPTH honest.
+            Ok(_) => assert!(
+                value.depth() <= SERDE_JSON_MAX_DEPTH,
+                "serde_json::Value read {} levels, SERDE_JSON_MAX_DEPTH is wrong",
+                value.depth()
+            ),
         }
     }
     ours

@@ -7,23 +7,29 @@
 //! - on `Err`, the code is one of the documented ones, and `invalid_json` is
 //!   the only possible code when the input is not a JSON object;
 //! - a returned `id` is itself valid JSON;
+//! - depth (the bug in `fuzz/regressions/client_request/README.md`, now
+//!   fixed): valid JSON nesting deeper than `MAX_JSON_DEPTH + 1` levels is
+//!   refused as `invalid_json` with no `id`; nothing shallower is refused
+//!   for its depth (by Herald's check or serde_json's recursion limit); so
+//!   `data` and `id` nest at most `MAX_JSON_DEPTH` levels and every frame
+//!   built from the request at most `MAX_JSON_DEPTH + 1`, which serde_json
+//!   reads;
 //! - the reply frames built from the result (`error_frame`,
 //!   `subscription_frame`, `published_frame`, `sent_frame`) are each a single
 //!   valid, final, unmasked server text frame whose payload is the JSON object
 //!   it claims to be, echoing the `id`;
 //! - `publish`/`send` data delivered in a `message`/`direct` envelope comes
-//!   out as the same JSON value (with `HERALD_FUZZ_STRICT=1`, also at most 127
-//!   levels deep: see `fuzz/regressions/publish_body/README.md`).
+//!   out as the same JSON value.
 #![no_main]
 
 #[path = "../common/mod.rs"]
 mod common;
 
-use common::{Json, check_json, text_frame_json};
+use common::{Json, SERDE_JSON_MAX_DEPTH, check_json, text_frame_json};
 use herald::name;
 use herald::protocol::{
-    Payload, Request, direct_frame, error_frame, message_frame, parse_request, published_frame,
-    sent_frame, subscription_frame,
+    MAX_JSON_DEPTH, Payload, Request, RequestError, direct_frame, error_frame, message_frame,
+    parse_request, published_frame, sent_frame, subscription_frame,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -35,11 +41,20 @@ const CODES: [&str; 5] = [
     "invalid_client_id",
 ];
 
-/// Whether to also assert the properties of known, reported Herald bugs
-/// (`HERALD_FUZZ_STRICT=1`).
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("HERALD_FUZZ_STRICT").is_some_and(|v| v != "0"))
+/// A frame Herald sends nests at most `MAX_JSON_DEPTH + 1` levels, which
+/// serde_json-based clients can read.
+fn check_frame_depth(frame: &Json, what: &str) {
+    assert!(
+        frame.depth() <= MAX_JSON_DEPTH + 1,
+        "{what} nests {} levels, more than MAX_JSON_DEPTH + 1 = {}",
+        frame.depth(),
+        MAX_JSON_DEPTH + 1
+    );
+    assert!(
+        frame.depth() <= SERDE_JSON_MAX_DEPTH,
+        "{what} nests {} levels, more than serde_json reads",
+        frame.depth()
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -48,10 +63,35 @@ fuzz_target!(|data: &[u8]| {
     };
     let parsed = parse_request(text);
     let input: Option<Json> = check_json(text).ok();
+    let input_depth = input.as_ref().map(Json::depth);
+
+    // Depth bound of the whole request (regression:
+    // fuzz/regressions/client_request/README.md).
+    match input_depth {
+        Some(depth) if depth > MAX_JSON_DEPTH + 1 => {
+            let code = parsed.request.as_ref().err().map(|err| err.code());
+            assert_eq!(code, Some("invalid_json"), "valid JSON of depth {depth} not refused");
+            assert!(parsed.id.is_none(), "id echoed from a request of depth {depth}");
+        }
+        Some(depth) => {
+            // Herald's own check and serde_json's recursion limit; matched at
+            // the start, as other serde_json messages may quote the input.
+            if let Err(RequestError::InvalidJson(msg)) = &parsed.request {
+                assert!(
+                    !msg.starts_with("nested deeper") && !msg.starts_with("recursion limit"),
+                    "request of depth {depth} refused for its depth: {msg}"
+                );
+            }
+        }
+        None => {}
+    }
 
     let id_value: Option<Json> = parsed
         .id
         .map(|id| check_json(id.get()).unwrap_or_else(|err| panic!("id is not JSON: {err}")));
+    if let Some(id) = &id_value {
+        assert!(id.depth() <= MAX_JSON_DEPTH, "id nests {} levels", id.depth());
+    }
     if let (Some(id), Some(object)) = (&id_value, &input) {
         if object.is_object() {
             assert_eq!(object.get("id"), Some(id), "id differs from the input's");
@@ -94,6 +134,7 @@ fuzz_target!(|data: &[u8]| {
             if let Some(data) = data {
                 let value = check_json(data)
                     .unwrap_or_else(|err| panic!("data is not JSON ({err}): {data}"));
+                assert!(value.depth() <= MAX_JSON_DEPTH, "data nests {} levels", value.depth());
                 match object.get("data") {
                     Some(sent) => assert_eq!(&value, sent, "data differs from the input's"),
                     None => assert_eq!(data, "null", "absent data must be null"),
@@ -107,14 +148,8 @@ fuzz_target!(|data: &[u8]| {
                 };
                 let envelope = text_frame_json(&frame);
                 assert_eq!(envelope.get("data"), Some(&value), "delivered data differs");
-                if strict() {
-                    // KNOWN BUG (fuzz/regressions/publish_body/README.md).
-                    assert!(
-                        envelope.depth() <= 127,
-                        "envelope nests {} levels, more than serde_json reads",
-                        envelope.depth()
-                    );
-                }
+                assert_eq!(envelope.depth(), 1 + value.depth(), "envelope depth");
+                check_frame_depth(&envelope, "delivered envelope");
             }
         }
         Err(err) => {
@@ -139,6 +174,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let reply = text_frame_json(&error_frame(id, code, &message));
     id_matches(&reply);
+    check_frame_depth(&reply, "error reply");
     assert_eq!(reply.keys().len(), 3 + n_id);
     assert_eq!(reply.get("type"), Some(&Json::str("error")));
     assert_eq!(reply.get("code"), Some(&Json::str(code)));
@@ -147,6 +183,7 @@ fuzz_target!(|data: &[u8]| {
     for subscribed in [true, false] {
         let reply = text_frame_json(&subscription_frame(subscribed, id, &channel_for_reply));
         id_matches(&reply);
+        check_frame_depth(&reply, "subscription reply");
         let kind = if subscribed { "subscribed" } else { "unsubscribed" };
         assert_eq!(reply.keys().len(), 2 + n_id);
         assert_eq!(reply.get("type"), Some(&Json::str(kind)));
@@ -155,6 +192,7 @@ fuzz_target!(|data: &[u8]| {
 
     let reply = text_frame_json(&published_frame(id, &channel_for_reply, offset, u64::MAX));
     id_matches(&reply);
+    check_frame_depth(&reply, "published reply");
     assert_eq!(reply.keys().len(), 4 + n_id);
     assert_eq!(reply.get("type"), Some(&Json::str("published")));
     assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
@@ -163,6 +201,7 @@ fuzz_target!(|data: &[u8]| {
 
     let reply = text_frame_json(&sent_frame(id, &channel_for_reply, 3));
     id_matches(&reply);
+    check_frame_depth(&reply, "sent reply");
     assert_eq!(reply.keys().len(), 3 + n_id);
     assert_eq!(reply.get("type"), Some(&Json::str("sent")));
     assert_eq!(reply.get("to"), Some(&Json::str(&channel_for_reply)));

@@ -14,18 +14,18 @@
 //!   `broadcast_frame` are each one valid server text frame (2/4/10-byte header
 //!   rules) whose JSON `data` equals the body parsed as JSON (JSON payload) or
 //!   the body as a string (text payload), or whose `data_b64` base64-decodes to
-//!   the body (binary payload).
-//!
-//! With `HERALD_FUZZ_STRICT=1` it also asserts that the envelope nests at
-//! most 127 levels (what serde_json reads), which a known bug breaks (see
-//! `fuzz/regressions/publish_body/README.md`).
+//!   the body (binary payload);
+//! - declared JSON is refused only when invalid or nested deeper than
+//!   `MAX_JSON_DEPTH`, so every envelope nests at most `MAX_JSON_DEPTH + 1`
+//!   levels, which serde_json reads (`common::SERDE_JSON_MAX_DEPTH`; the bug
+//!   in `fuzz/regressions/publish_body/README.md`, now fixed).
 #![no_main]
 
 #[path = "../common/mod.rs"]
 mod common;
 
 use base64::Engine as _;
-use common::{Json, check_json, text_frame_json};
+use common::{Json, SERDE_JSON_MAX_DEPTH, check_json, text_frame_json};
 use herald::http::decode_segment;
 use herald::name;
 use herald::protocol::{MAX_JSON_DEPTH, Payload, broadcast_frame, direct_frame, message_frame};
@@ -58,12 +58,23 @@ fn check_data(envelope: &Json, body: &[u8], payload: &Payload<'_>) {
     }
 }
 
-/// Whether to also assert the properties of known, reported Herald bugs
-/// (`HERALD_FUZZ_STRICT=1`); off by default so the other properties keep
-/// being fuzzed.
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("HERALD_FUZZ_STRICT").is_some_and(|v| v != "0"))
+/// Every envelope is one object level around the payload: JSON data adds
+/// its own depth, text and base64 strings none. The result must fit both
+/// Herald's bound and what serde_json reads.
+fn check_depth(envelope: &Json, payload: &Payload<'_>, json_depth: usize) {
+    let expected = 1 + if matches!(payload, Payload::Json(_)) { json_depth } else { 0 };
+    assert_eq!(envelope.depth(), expected, "envelope depth");
+    assert!(
+        envelope.depth() <= MAX_JSON_DEPTH + 1,
+        "envelope nests {} levels, more than MAX_JSON_DEPTH + 1 = {}",
+        envelope.depth(),
+        MAX_JSON_DEPTH + 1
+    );
+    assert!(
+        envelope.depth() <= SERDE_JSON_MAX_DEPTH,
+        "envelope nests {} levels, more than serde_json reads",
+        envelope.depth()
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -107,6 +118,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
+    let mut json_depth = 0;
     match payload {
         Payload::Json(bytes) => {
             assert!(declared_json);
@@ -115,7 +127,11 @@ fuzz_target!(|data: &[u8]| {
                 Some(Ok(value)) => value,
                 other => panic!("accepted JSON the reference parser refuses: {other:?}"),
             };
-            assert!(value.depth() <= MAX_JSON_DEPTH, "JSON deeper than the limit accepted");
+            json_depth = value.depth();
+            assert!(
+                json_depth <= MAX_JSON_DEPTH,
+                "JSON of depth {json_depth} accepted, deeper than MAX_JSON_DEPTH = {MAX_JSON_DEPTH}"
+            );
         }
         Payload::Text(text) => {
             assert!(!declared_json);
@@ -136,17 +152,8 @@ fuzz_target!(|data: &[u8]| {
     if channel_ok {
         let frame = message_frame(&channel, offset, from, payload);
         let envelope = text_frame_json(&frame);
-        if strict() {
-            // KNOWN BUG (fuzz/regressions/publish_body/README.md): bodies of
-            // 127 or 128 levels pass `from_body` (MAX_JSON_DEPTH = 128), but
-            // serde_json's Value limit is 127 levels including the envelope's
-            // own, so subscribers using serde_json cannot read the frame.
-            assert!(
-                envelope.depth() <= 127,
-                "envelope nests {} levels, more than serde_json reads",
-                envelope.depth()
-            );
-        }
+        // Regression: fuzz/regressions/publish_body/README.md.
+        check_depth(&envelope, &payload, json_depth);
         assert_eq!(envelope.get("type"), Some(&Json::str("message")));
         assert_eq!(envelope.get("channel"), Some(&Json::str(&channel)));
         assert_eq!(envelope.get("offset"), Some(&Json::num(offset)));
@@ -155,12 +162,14 @@ fuzz_target!(|data: &[u8]| {
         check_data(&envelope, body, &payload);
     }
     let envelope = text_frame_json(&direct_frame(from, payload));
+    check_depth(&envelope, &payload, json_depth);
     assert_eq!(envelope.get("type"), Some(&Json::str("direct")));
     assert_eq!(envelope.get("from"), from_json.as_ref());
     assert_eq!(envelope.keys().len(), 2 + usize::from(from.is_some()));
     check_data(&envelope, body, &payload);
 
     let envelope = text_frame_json(&broadcast_frame(payload));
+    check_depth(&envelope, &payload, json_depth);
     assert_eq!(envelope.get("type"), Some(&Json::str("broadcast")));
     assert_eq!(envelope.keys().len(), 2);
     check_data(&envelope, body, &payload);

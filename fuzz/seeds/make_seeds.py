@@ -150,8 +150,16 @@ def client_request_seeds():
         "not_object": b"[1]",
         "truncated": b'{"type":"subscribe",',
         "duplicate_field": b'{"type":"subscribe","type":"publish","channel":"a"}',
-        "deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 127 + b"]" * 127 + b"}",
-        "too_deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 129 + b"]" * 129 + b"}",
+        # MAX_JSON_DEPTH = 126 for data and id, 127 for the whole request.
+        "deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 126 + b"]" * 126 + b"}",
+        "too_deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 127 + b"]" * 127 + b"}",
+        "far_too_deep_data": b'{"type":"publish","channel":"a","data":' + b"[" * 129 + b"]" * 129 + b"}",
+        "deep_id": b'{"type":"subscribe","channel":"c","id":' + b"[" * 126 + b"]" * 126 + b"}",
+        "too_deep_id": b'{"type":"subscribe","channel":"c","id":' + b"[" * 127 + b"]" * 127 + b"}",
+        "too_deep_unknown_field": b'{"type":"send","to":"b","x":' + b"{\"a\":" * 127 + b"1" + b"}" * 128,
+        # serde_json errors may quote the input: not a depth error.
+        "error_quotes_input": b'"recursion limit exceeded, nested deeper than 1 levels"',
+        "brackets_in_strings": b'{"type":"publish","channel":"c","data":["\\\"' + b"[" * 200 + b'"],"id":"' + b"{" * 200 + b'"}',
         "unicode_id": '{"type":"subscribe","channel":"c","id":"é😀\\ud83d\\ude00"}'.encode(),
         "big_numbers": b'{"type":"publish","channel":"c","data":[1e400,-0,18446744073709551616],"id":1.5e3}',
     }
@@ -164,10 +172,13 @@ def publish_body_seeds():
         "json_object": b"\x01news\x00{\"a\":1,\"b\":[true,null]}",
         "json_declared_invalid": b"\x01news\x00{\"a\":",
         "json_string": b"\x03room%3A1\x00\"hello\"",
+        # MAX_JSON_DEPTH = 126: the deepest body accepted as JSON.
+        "json_deep_126": b"\x01c\x00" + b"[" * 126 + b"]" * 126,
         "json_deep_127": b"\x01c\x00" + b"[" * 127 + b"]" * 127,
         "json_deep_128": b"\x01c\x00" + b"[" * 128 + b"]" * 128,
         "json_deep_129": b"\x01c\x00" + b"[" * 129 + b"]" * 129,
         "json_brackets_in_string": b"\x01c\x00[\"" + b"[" * 200 + b"\"]",
+        "json_escaped_quote_brackets": b"\x01c\x00{\"k\\\"[\":\"\\\\\\\"" + b"{" * 200 + b"\"}",
         "text": b"\x00news\x00hello \"world\" \\ \n\t\x01",
         "text_utf8": "\x02a/b\x00héllo € 😀".encode(),
         "text_looks_json": b"\x00c\x00{\"not\":\"declared\"}",
