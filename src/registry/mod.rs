@@ -20,7 +20,6 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Payload};
-use crate::ws::close::CloseCode;
 use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
@@ -522,9 +521,4 @@ fn raw_frame(payload: Payload<'_>) -> Bytes {
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The close code and reason sent for a server-initiated close.
-pub fn close_code(reason: CloseReason) -> CloseCode {
-    CloseCode(reason.code())
 }

@@ -236,11 +236,6 @@ impl Outbox {
         self.state.lock().blocked = false;
     }
 
-    /// Whether the socket was full at the last write.
-    pub fn is_blocked(&self) -> bool {
-        self.state.lock().blocked
-    }
-
     /// Whether a flush is writing right now (from another thread).
     pub fn is_writing(&self) -> bool {
         self.state.lock().writing
@@ -293,12 +288,6 @@ impl Outbox {
             state.frames.truncate(keep);
         }
         state.frames.push_back(close_frame);
-    }
-
-    /// Whether nothing is left to write.
-    pub fn is_empty(&self) -> bool {
-        let state = self.state.lock();
-        state.frames.is_empty() && !state.writing
     }
 
     /// Drops every queued frame (for connections without a socket, such as in benchmarks).
