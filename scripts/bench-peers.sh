@@ -72,7 +72,7 @@ free_port() {
 start_server() {
   local name=$1 port=$2
   if [ "$name" = herald ]; then
-    taskset -c "$SERVER_CPU" target/release/herald --listen "127.0.0.1:$port" --shards 1 \
+    taskset -c "$SERVER_CPU" target/release/herald --listen "127.0.0.1:$port" --shards 1 --client-publish-rate 0 \
       >"$LOG_DIR/herald-$port.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do

@@ -20,7 +20,9 @@ free_port() {
 PORT=$(free_port)
 LOG=$(mktemp -t herald-smoke.XXXXXX.log)
 OUT=$(mktemp -d -t herald-smoke.XXXXXX)
-target/release/herald --listen "127.0.0.1:$PORT" >"$LOG" 2>&1 &
+# The publisher WebSocket of the fanout-ws check is a load generator, not a chat client: lift
+# the per-connection publish rate limit (50/s by default) for this server.
+target/release/herald --listen "127.0.0.1:$PORT" --client-publish-rate 0 >"$LOG" 2>&1 &
 SERVER=$!
 cleanup() {
   kill "$SERVER" 2>/dev/null || true
