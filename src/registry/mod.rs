@@ -24,7 +24,7 @@ use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
 pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
-use shard::{Delivery, Entry, Keys, Shard, ShardState};
+use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
 
 /// How a connection wants its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,9 +401,8 @@ impl Registry {
         let json = protocol::direct_frame(from, payload);
         let raw = raw_frame(payload);
         let capacity = self.inner.limits.queue_capacity;
-        let metrics = &self.inner.metrics;
         let mut reached = 0;
-        let mut touched = Vec::new();
+        let mut fanout = Fanout::default();
         for shard in self.inner.shards.iter() {
             let state = shard.state.lock();
             for key in state
@@ -418,22 +417,14 @@ impl Registry {
                 } else {
                     &json
                 };
-                match entry.outbox.push(frame.clone(), capacity) {
-                    Push::Queued { first } => {
-                        metrics.deliveries.inc();
-                        if first {
-                            touched.push(Arc::clone(&entry.outbox));
-                        }
-                    }
-                    Push::Overflowed => metrics.slow_consumer_drops.inc(),
-                    Push::Closing => {}
-                }
+                fanout.push(entry, frame, capacity);
                 reached += 1;
             }
         }
-        for outbox in touched {
-            outbox.flush(metrics);
+        for outbox in fanout.touched.drain(..) {
+            outbox.flush(&self.inner.metrics);
         }
+        fanout.record(&self.inner.metrics);
         reached
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::outbox::{CloseReason, Outbox, Push};
 use super::{Format, Inner};
+use crate::metrics::Metrics;
 
 /// How many queued deliveries the writer takes per round: one round pushes them all, then
 /// writes each touched connection once.
@@ -145,6 +146,49 @@ impl ShardState {
     }
 }
 
+/// One pass of pushes over a shard's connections: what it queued, what it dropped, and the
+/// outboxes to flush once the shard lock is released. Shared by the writer and direct sends so
+/// that both count and log a slow consumer the same way.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    queued: u64,
+    overflowed: u64,
+    /// Outboxes that went from empty to non-empty in this pass.
+    pub touched: Vec<Arc<Outbox>>,
+}
+
+impl Fanout {
+    /// Queues `frame` on `entry`'s outbox, counting the delivery, or counting and logging the
+    /// drop when the outbox overflows.
+    pub fn push(&mut self, entry: &Entry, frame: &Bytes, capacity: usize) {
+        match entry.outbox.push(frame.clone(), capacity) {
+            Push::Queued { first } => {
+                self.queued += 1;
+                if first {
+                    self.touched.push(Arc::clone(&entry.outbox));
+                }
+            }
+            Push::Overflowed => {
+                self.overflowed += 1;
+                tracing::warn!(
+                    client_id = %entry.client_id,
+                    capacity,
+                    "dropping slow consumer: its queue is full"
+                );
+            }
+            Push::Closing => {}
+        }
+    }
+
+    /// Adds the pass's counts to the metrics and starts the next pass from zero.
+    pub fn record(&mut self, metrics: &Metrics) {
+        metrics.deliveries.inc_by(std::mem::take(&mut self.queued));
+        metrics
+            .slow_consumer_drops
+            .inc_by(std::mem::take(&mut self.overflowed));
+    }
+}
+
 /// One shard: its state and the sending side of its writer's queue.
 #[derive(Debug)]
 pub struct Shard {
@@ -177,7 +221,7 @@ impl Shard {
 /// task, and a full outbox closes that connection. Ends when the registry is dropped.
 pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver<Arc<Delivery>>) {
     let mut batch = Vec::with_capacity(WRITER_BATCH);
-    let mut touched: Vec<Arc<Outbox>> = Vec::new();
+    let mut fanout = Fanout::default();
     while rx.recv_many(&mut batch, WRITER_BATCH).await > 0 {
         // Let the tasks that are ready to publish run first, and take what they queued too:
         // every delivery in a batch shares one write per connection.
@@ -191,31 +235,12 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         let Some(inner) = inner.upgrade() else { return };
         let capacity = inner.limits.queue_capacity;
         let shard = &inner.shards[index];
-        let mut queued = 0u64;
-        let mut overflowed = 0u64;
         {
             let state = shard.state.lock();
             for delivery in &batch {
                 let mut push = |entry: &Entry| {
-                    let Some(frame) = delivery.frame_for(entry.format) else {
-                        return;
-                    };
-                    match entry.outbox.push(frame.clone(), capacity) {
-                        Push::Queued { first } => {
-                            queued += 1;
-                            if first {
-                                touched.push(Arc::clone(&entry.outbox));
-                            }
-                        }
-                        Push::Overflowed => {
-                            overflowed += 1;
-                            tracing::warn!(
-                                client_id = %entry.client_id,
-                                capacity,
-                                "dropping slow consumer: its queue is full"
-                            );
-                        }
-                        Push::Closing => {}
+                    if let Some(frame) = delivery.frame_for(entry.format) {
+                        fanout.push(entry, frame, capacity);
                     }
                 };
                 match &delivery.channel {
@@ -235,15 +260,14 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         // Outside the shard lock: one write per connection for the whole batch. Yielding now
         // and then lets publishers go on meanwhile, so the next batch carries more deliveries
         // and each write carries more frames.
-        for (done, outbox) in touched.drain(..).enumerate() {
+        for (done, outbox) in fanout.touched.drain(..).enumerate() {
             outbox.flush(&inner.metrics);
             if done % FLUSHES_PER_YIELD == FLUSHES_PER_YIELD - 1 {
                 tokio::task::yield_now().await;
             }
         }
         batch.clear();
-        inner.metrics.deliveries.inc_by(queued);
-        inner.metrics.slow_consumer_drops.inc_by(overflowed);
+        fanout.record(&inner.metrics);
     }
 }
 
