@@ -48,6 +48,18 @@ pub struct Config {
     /// Browser origins allowed to open WebSockets (`*` for any). Default empty: only pages
     /// served from the same host as the request (and clients that send no `Origin`).
     pub allowed_origins: Vec<String>,
+    /// HMAC secret (HS256/384/512) that signs client tokens. With it or
+    /// [`Config::jwt_public_key`], `/ws` needs a token; with neither, clients are anonymous.
+    pub jwt_secret: Option<String>,
+    /// Public key in PEM (RSA, EC P-256/P-384 or Ed25519) that verifies client tokens.
+    pub jwt_public_key: Option<String>,
+    /// Clock skew allowed when checking `exp` and `nbf`. Default zero: a token is valid exactly
+    /// as long as it says.
+    pub jwt_leeway: Duration,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens' `aud` must include this.
+    pub jwt_audience: Option<String>,
 }
 
 impl Default for Config {
@@ -65,6 +77,11 @@ impl Default for Config {
             client_publish_rate: 50,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_leeway: Duration::ZERO,
+            jwt_issuer: None,
+            jwt_audience: None,
         }
     }
 }
@@ -81,6 +98,9 @@ pub enum ConfigError {
     /// An API key is the empty string, which would let anyone in.
     #[error("an api-key must not be empty")]
     EmptyApiKey,
+    /// The JWT secret or public key cannot be used.
+    #[error("{0}")]
+    Jwt(#[from] crate::auth::KeyError),
     /// The idle timeout is not longer than the ping interval, so a healthy client that answers
     /// every ping would still be closed.
     #[error("idle-timeout ({idle:?}) must be longer than ping-interval ({ping:?})")]
@@ -165,6 +185,36 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::jwt_secret`].
+    pub fn jwt_secret(mut self, secret: Option<String>) -> Self {
+        self.jwt_secret = secret;
+        self
+    }
+
+    /// Sets [`Config::jwt_public_key`] (the PEM text, not a path).
+    pub fn jwt_public_key(mut self, pem: Option<String>) -> Self {
+        self.jwt_public_key = pem;
+        self
+    }
+
+    /// Sets [`Config::jwt_leeway`].
+    pub fn jwt_leeway(mut self, leeway: Duration) -> Self {
+        self.jwt_leeway = leeway;
+        self
+    }
+
+    /// Sets [`Config::jwt_issuer`].
+    pub fn jwt_issuer(mut self, issuer: Option<String>) -> Self {
+        self.jwt_issuer = issuer;
+        self
+    }
+
+    /// Sets [`Config::jwt_audience`].
+    pub fn jwt_audience(mut self, audience: Option<String>) -> Self {
+        self.jwt_audience = audience;
+        self
+    }
+
     /// Checks that the values make a server that can run.
     ///
     /// # Errors
@@ -193,6 +243,7 @@ impl Config {
         if self.api_keys.iter().any(String::is_empty) {
             return Err(ConfigError::EmptyApiKey);
         }
+        crate::auth::Verifier::from_config(self)?;
         if self.idle_timeout <= self.ping_interval {
             return Err(ConfigError::IdleNotAfterPing {
                 idle: self.idle_timeout,

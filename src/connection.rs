@@ -17,6 +17,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use serde_json::value::RawValue;
+
+use crate::auth::ClientAuth;
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::rate::{RateLimit, Verdict};
@@ -40,8 +43,11 @@ pub struct Session {
     pub client_id: Arc<str>,
     /// How the client wants its messages.
     pub format: Format,
-    /// Channels to subscribe to at once (valid names, within `--max-subscriptions`).
+    /// Channels to subscribe to at once (valid names, within `--max-subscriptions`, granted
+    /// by the token when there is one).
     pub channels: Vec<String>,
+    /// The verified token's grant, when JWT auth is on; `None` for an anonymous client.
+    pub auth: Option<Box<ClientAuth>>,
 }
 
 /// Registers an upgraded connection and spawns the task that serves it until it closes.
@@ -61,6 +67,9 @@ pub fn spawn(
         session.format,
         Some(Arc::clone(&stream)),
     );
+    if let Some(auth) = &session.auth {
+        registry.set_expiry(registration.id, auth.grant.expires_in());
+    }
     for channel in &session.channels {
         if let Err(err) = registry.subscribe(registration.id, channel) {
             tracing::debug!(%err, channel, "initial subscription refused");
@@ -84,6 +93,7 @@ pub fn spawn(
         read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
         rate: RateLimit::new(registry.client_publish_rate(), registry.now_ms()),
         input_paused: false,
+        auth: session.auth,
         _permit: permit,
     };
     tokio::spawn(conn.run());
@@ -130,6 +140,7 @@ impl Ending {
         let by = match reason {
             CloseReason::SlowConsumer => ClosedBy::SlowConsumer,
             CloseReason::IdleTimeout => ClosedBy::IdleTimeout,
+            CloseReason::TokenExpired => ClosedBy::TokenExpired,
             CloseReason::GoingAway => ClosedBy::Shutdown,
             CloseReason::WriteFailed | CloseReason::Closing => return Ending::Gone,
         };
@@ -160,6 +171,8 @@ struct Connection {
     /// Decoding stopped because replies filled half the queue and the socket is full: neither
     /// decode nor read until it drains.
     input_paused: bool,
+    /// What the client's token grants; `None` for an anonymous client.
+    auth: Option<Box<ClientAuth>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -366,7 +379,10 @@ impl Connection {
                 return None;
             }
         };
-        if matches!(request, Request::Publish { .. } | Request::Send { .. }) {
+        if matches!(
+            request,
+            Request::Publish { .. } | Request::Send { .. } | Request::Refresh { .. }
+        ) {
             let rate = self.registry.client_publish_rate();
             match self.rate.check(rate, self.registry.now_ms()) {
                 Verdict::Allowed => {}
@@ -384,6 +400,10 @@ impl Connection {
                     });
                 }
             }
+        }
+        if let Some(denied) = self.denied(&request) {
+            self.reply(protocol::error_frame(id, "forbidden", denied));
+            return None;
         }
         let reply = match request {
             Request::Subscribe { channel } => match self.registry.subscribe(self.id, &channel) {
@@ -424,9 +444,59 @@ impl Connection {
                     reached => protocol::sent_frame(id, &to, reached),
                 }
             }
+            Request::Refresh { token } => self.refresh(id, &token),
         };
         self.reply(reply);
         None
+    }
+
+    /// Why the client's token does not allow `request`, if it does not.
+    fn denied(&self, request: &Request<'_>) -> Option<&'static str> {
+        let grant = &self.auth.as_ref()?.grant;
+        match request {
+            Request::Subscribe { channel } if !grant.subscribe.matches(channel) => {
+                Some("the token does not grant subscribing to this channel")
+            }
+            Request::Publish { channel, .. } if !grant.publish.matches(channel) => {
+                Some("the token does not grant publishing to this channel")
+            }
+            Request::Send { to, .. } if !grant.send.matches(to) => {
+                Some("the token does not grant sending to this client id")
+            }
+            _ => None,
+        }
+    }
+
+    /// Replaces the connection's grant with a fresh token's (same `sub`): moves its expiry, and
+    /// drops the subscriptions the new token no longer grants (each with an `unsubscribed`
+    /// frame). A refused token changes nothing; the old one still holds until it expires.
+    fn refresh(&mut self, id: Option<&RawValue>, token: &str) -> Bytes {
+        let Some(auth) = self.auth.as_mut() else {
+            return protocol::error_frame(
+                id,
+                "auth_disabled",
+                "this server has no JWT auth; there is no token to refresh",
+            );
+        };
+        let grant = match auth.verifier.refresh(&auth.grant, token) {
+            Ok(grant) => grant,
+            Err(err) => return protocol::error_frame(id, err.code(), &err.to_string()),
+        };
+        let expires_in = grant.expires_in();
+        let revoked: Vec<_> = self
+            .registry
+            .subscriptions(self.id)
+            .into_iter()
+            .filter(|channel| !grant.subscribe.matches(channel))
+            .collect();
+        auth.grant = grant;
+        self.registry.set_expiry(self.id, expires_in);
+        for channel in revoked {
+            if self.registry.unsubscribe(self.id, &channel) {
+                self.reply(protocol::subscription_frame(false, None, &channel));
+            }
+        }
+        protocol::refreshed_frame(id, expires_in.as_secs())
     }
 
     /// Queues a frame for this connection itself. Replies count against the queue like any
@@ -537,6 +607,7 @@ mod tests {
             read_buf: None,
             rate: RateLimit::new(50, 0),
             input_paused: false,
+            auth: None,
             _permit: None,
         };
         let future = conn.run();

@@ -11,11 +11,13 @@
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
 //! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
+//! - [`auth`]: JWT verification for clients and the channel patterns a token grants.
 //! - [`rate`]: the per-connection publish rate limit.
 //! - [`name`]: channel name and client id rules.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
 //! - [`config`]: every limit, with its default and the reason for it.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod error;

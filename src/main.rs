@@ -1,18 +1,77 @@
 //! The `herald` binary: flags and environment to [`herald::Config`], logging, signals.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use herald::Config;
+use herald::auth::TokenRequest;
+use jsonwebtoken::Algorithm;
 use tokio::net::{TcpListener, TcpSocket};
 
 /// Herald: a lean real-time notification server. Backends publish over HTTP, clients receive
 /// over WebSocket. Every flag can also be set from the environment variable shown.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a client token signed with the JWT secret (for the demo page, scripts, tests).
+    Token(TokenArgs),
+}
+
+/// `herald token`: the claims of the token to mint.
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The secret the server verifies tokens with (its --jwt-secret).
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    /// The client id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Channel patterns the client may subscribe to, comma-separated (`news`, `user:42:*`, `*`).
+    #[arg(long, value_delimiter = ',')]
+    channels: Vec<String>,
+    /// Channel patterns the client may publish to from its socket.
+    #[arg(long, value_delimiter = ',')]
+    publish: Vec<String>,
+    /// Client-id patterns the client may send direct messages to.
+    #[arg(long, value_delimiter = ',')]
+    send: Vec<String>,
+    /// How long the token is valid (e.g. 1h, 15m).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// HMAC algorithm.
+    #[arg(long, default_value = "hs256")]
+    alg: HmacAlgorithm,
+    /// `iss` claim (when the server has --jwt-issuer).
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    issuer: Option<String>,
+    /// `aud` claim (when the server has --jwt-audience).
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    audience: Option<String>,
+}
+
+/// The algorithms `herald token` signs with.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum HmacAlgorithm {
+    Hs256,
+    Hs384,
+    Hs512,
+}
+
+/// Serving: every limit and key.
+#[derive(Debug, Args)]
+struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -60,12 +119,34 @@ struct Cli {
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// HMAC secret (HS256/384/512, at least 32 bytes) that signs client tokens. With it (or
+    /// --jwt-public-key) /ws needs a token; without either, clients are anonymous.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM file with the public key (RSA, EC P-256/P-384, Ed25519) that verifies client tokens.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
+    /// Clock skew allowed on token exp/nbf (e.g. 30s).
+    #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    jwt_leeway: Duration,
+    /// Require this `iss` in client tokens.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Require this `aud` in client tokens.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
 }
 
-impl Cli {
-    fn config(&self) -> Config {
+impl ServeArgs {
+    fn config(&self) -> Result<Config, String> {
+        let public_key = match &self.jwt_public_key {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|err| {
+                format!("cannot read --jwt-public-key {}: {err}", path.display())
+            })?),
+            None => None,
+        };
         let defaults = Config::default();
-        defaults
+        Ok(defaults
             .clone()
             .shards(self.shards.unwrap_or(defaults.shards))
             .queue_capacity(self.queue_capacity)
@@ -79,11 +160,49 @@ impl Cli {
             .client_publish_rate(self.client_publish_rate)
             .api_keys(self.api_keys.clone())
             .allowed_origins(self.allowed_origins.clone())
+            .jwt_secret(self.jwt_secret.clone())
+            .jwt_public_key(public_key)
+            .jwt_leeway(self.jwt_leeway)
+            .jwt_issuer(self.jwt_issuer.clone())
+            .jwt_audience(self.jwt_audience.clone()))
+    }
+}
+
+/// `herald token`: prints the token, or why it cannot be minted (exit 2).
+fn print_token(args: &TokenArgs) -> ExitCode {
+    let algorithm = match args.alg {
+        HmacAlgorithm::Hs256 => Algorithm::HS256,
+        HmacAlgorithm::Hs384 => Algorithm::HS384,
+        HmacAlgorithm::Hs512 => Algorithm::HS512,
+    };
+    let request = TokenRequest {
+        subject: args.sub.clone(),
+        channels: args.channels.clone(),
+        publish: args.publish.clone(),
+        send: args.send.clone(),
+        ttl: args.ttl,
+        issuer: args.issuer.clone(),
+        audience: args.audience.clone(),
+    };
+    match herald::auth::mint(&args.jwt_secret, algorithm, &request) {
+        Ok(token) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout(), "{token}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            report(format_args!("{err}"));
+            ExitCode::from(2)
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Token(args)) = &cli.command {
+        return print_token(args);
+    }
+    let cli = cli.serve;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Its default reports a failed log write with `eprintln!`, which panics when stderr is
@@ -94,7 +213,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = cli.config();
+    let config = match cli.config() {
+        Ok(config) => config,
+        Err(err) => {
+            report(format_args!("{err}"));
+            return ExitCode::from(2);
+        }
+    };
     if let Err(err) = config.validate() {
         report(format_args!("{err}"));
         return ExitCode::from(2);

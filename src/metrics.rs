@@ -27,16 +27,19 @@ pub enum ClosedBy {
     IdleTimeout,
     /// The server shut down.
     Shutdown,
+    /// The client's token expired and was not refreshed.
+    TokenExpired,
 }
 
 impl ClosedBy {
-    const ALL: [ClosedBy; 6] = [
+    const ALL: [ClosedBy; 7] = [
         ClosedBy::ClientClose,
         ClosedBy::PeerGone,
         ClosedBy::ProtocolError,
         ClosedBy::SlowConsumer,
         ClosedBy::IdleTimeout,
         ClosedBy::Shutdown,
+        ClosedBy::TokenExpired,
     ];
 
     fn label(self) -> &'static str {
@@ -47,6 +50,7 @@ impl ClosedBy {
             ClosedBy::SlowConsumer => "slow_consumer",
             ClosedBy::IdleTimeout => "idle_timeout",
             ClosedBy::Shutdown => "shutdown",
+            ClosedBy::TokenExpired => "token_expired",
         }
     }
 }

@@ -132,6 +132,11 @@ pub enum Request<'a> {
         /// One JSON value (`null` when the client sent none).
         data: &'a str,
     },
+    /// Replace the connection's token (JWT auth) before it expires.
+    Refresh {
+        /// The new token, not yet verified.
+        token: Cow<'a, str>,
+    },
 }
 
 /// Why a client's request was refused. The connection stays open; the client gets an error
@@ -180,6 +185,8 @@ struct WireRequest<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// What [`parse_request`] found: the request's `id` (echoed in the reply, even when the request
@@ -244,6 +251,9 @@ fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
             name::validate(&to).map_err(RequestError::InvalidClientId)?;
             Ok(Request::Send { to, data })
         }
+        "refresh" => Ok(Request::Refresh {
+            token: wire.token.ok_or(RequestError::MissingField("token"))?,
+        }),
         _ => Err(RequestError::UnknownType),
     }
 }
@@ -421,6 +431,18 @@ pub fn sent_frame(id: Option<&RawValue>, to: &str, connections: u64) -> Bytes {
         .push_json_string(to)
         .push_str(r#","connections":"#)
         .push_u64(connections);
+    frame.finish()
+}
+
+/// `{"type":"refreshed","id":…,"expires_in":…}`: the reply to an accepted token refresh;
+/// `expires_in` is in seconds.
+pub fn refreshed_frame(id: Option<&RawValue>, expires_in: u64) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64);
+    frame
+        .push_str(r#"{"type":"refreshed""#)
+        .push_id(id)
+        .push_str(r#","expires_in":"#)
+        .push_u64(expires_in);
     frame.finish()
 }
 

@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::Config;
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError};
 use crate::error::Result;
 use crate::http::{self, AppState};
 use crate::registry::{CloseReason, Registry};
@@ -47,12 +48,22 @@ pub async fn run(
     if config.api_keys.is_empty() {
         tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
     }
+    let verifier = Verifier::from_config(&config)
+        .map_err(ConfigError::from)?
+        .map(Arc::new);
+    if verifier.is_none() {
+        tracing::warn!(
+            "no --jwt-secret or --jwt-public-key: WebSocket clients are anonymous and may pick \
+             any client_id and subscribe to any channel"
+        );
+    }
     let registry = Registry::new(&config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
     let state = Arc::new(AppState {
         registry: registry.clone(),
         config,
+        verifier,
     });
     // Every HTTP connection task holds a receiver: the sender's change starts their graceful
     // shutdown, and `closed()` resolves once all of them have ended.

@@ -129,6 +129,10 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(object.get("to").and_then(Json::as_str), Some(&**to));
                     ("send", Some(*data))
                 }
+                Request::Refresh { token } => {
+                    assert_eq!(object.get("token").and_then(Json::as_str), Some(&**token));
+                    ("refresh", None)
+                }
             };
             assert_eq!(kind, Some(expected_kind), "request type does not match the input");
             if let Some(data) = data {

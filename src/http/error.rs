@@ -5,6 +5,7 @@ use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
+use crate::auth::AuthError;
 use crate::name::NameError;
 use crate::ws::handshake::HandshakeError;
 
@@ -66,6 +67,12 @@ pub enum HttpError {
     /// `/api/*` from a non-loopback client while no API key is configured.
     #[error("the publish API answers only loopback clients unless --api-key is set")]
     PublisherNotLocal,
+    /// A `/ws` upgrade without a valid token while JWT auth is configured.
+    #[error("{0}")]
+    Token(AuthError),
+    /// A `/ws` upgrade asks (`?channels=`) for a channel its token does not grant.
+    #[error("the token does not grant channel {0:?}")]
+    ChannelForbidden(String),
     /// A WebSocket upgrade from a browser origin that is not allowed.
     #[error("origin not allowed (see --allowed-origins)")]
     OriginNotAllowed,
@@ -92,8 +99,10 @@ impl HttpError {
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::UriTooLong => StatusCode::URI_TOO_LONG,
             HttpError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
-            HttpError::PublisherNotLocal | HttpError::OriginNotAllowed => StatusCode::FORBIDDEN,
+            HttpError::Unauthorized | HttpError::Token(_) => StatusCode::UNAUTHORIZED,
+            HttpError::PublisherNotLocal
+            | HttpError::OriginNotAllowed
+            | HttpError::ChannelForbidden(_) => StatusCode::FORBIDDEN,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Handshake(_)
@@ -128,6 +137,8 @@ impl HttpError {
             HttpError::Unauthorized => "unauthorized",
             HttpError::PublisherNotLocal => "publisher_not_local",
             HttpError::OriginNotAllowed => "origin_not_allowed",
+            HttpError::Token(err) => err.code(),
+            HttpError::ChannelForbidden(_) => "forbidden",
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
         }
@@ -150,6 +161,12 @@ impl HttpError {
             }
             HttpError::Unauthorized => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            HttpError::Token(_) => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
             }
             _ => {}
         }

@@ -14,7 +14,8 @@
 //! | `/metrics` | GET | Prometheus metrics |
 //!
 //! `/api/*` needs an API key when keys are configured, and a loopback client otherwise; a
-//! WebSocket upgrade from a browser must come from an allowed origin (see `access`).
+//! WebSocket upgrade from a browser must come from an allowed origin (see `access`), and `/ws`
+//! needs a client token when a JWT key is configured (see [`crate::auth`]).
 
 mod access;
 mod api;
@@ -32,6 +33,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::auth::Verifier;
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -46,6 +48,8 @@ pub struct AppState {
     pub registry: Registry,
     /// The server's configuration.
     pub config: Config,
+    /// Checks client tokens; `None` when clients are anonymous (no `--jwt-*` key).
+    pub verifier: Option<Arc<Verifier>>,
 }
 
 /// The connection-limit permit of one TCP connection. The HTTP connection holds it; an upgrade

@@ -6,13 +6,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE};
+use hyper::header::{
+    AUTHORIZATION, CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE,
+};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rand::Rng as _;
 use tokio::net::TcpStream;
 
 use super::{AppState, ConnectionSlot, HttpError};
+use crate::auth::{AuthError, ClientAuth, Verifier};
 use crate::connection::{self, Session};
 use crate::name;
 use crate::registry::Format;
@@ -36,11 +39,19 @@ pub fn websocket(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::validate(req.method(), req.version(), req.headers())?;
     let session = match endpoint {
-        Endpoint::Notify => parse_query(req.uri().query().unwrap_or(""), &state.config)?,
+        Endpoint::Notify => {
+            let query = req.uri().query().unwrap_or("");
+            let mut session = parse_query(query, &state.config)?;
+            if let Some(verifier) = &state.verifier {
+                authenticate(&mut session, verifier, req.headers(), query)?;
+            }
+            session
+        }
         Endpoint::Echo => Session {
             client_id: Arc::from(random_client_id()),
             format: Format::Echo,
             channels: Vec::new(),
+            auth: None,
         },
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -82,7 +93,8 @@ pub fn websocket(
 }
 
 /// Reads `channels`, `client_id` and `format` from the `/ws` query. Unknown parameters are
-/// ignored, so clients may add their own (a cache buster, say).
+/// ignored, so clients may add their own (a cache buster, say); `token` is read by the auth
+/// check, when auth is on.
 ///
 /// # Errors
 /// The first invalid parameter, as an [`HttpError`] (all of them answer `400`).
@@ -130,7 +142,51 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
         client_id: Arc::from(client_id.unwrap_or_else(random_client_id)),
         format,
         channels,
+        auth: None,
     })
+}
+
+/// Verifies the client's token (`Authorization: Bearer` first, then `?token=`), makes its
+/// `sub` the client id, and checks the channels asked for on connect against its grant. Runs
+/// before the upgrade, so a refused client costs no registry entry.
+fn authenticate(
+    session: &mut Session,
+    verifier: &Arc<Verifier>,
+    headers: &HeaderMap,
+    query: &str,
+) -> Result<(), HttpError> {
+    let token = bearer_token(headers)
+        .map(str::to_owned)
+        .or_else(|| query_token(query))
+        .ok_or(HttpError::Token(AuthError::Missing))?;
+    let grant = verifier.verify(&token).map_err(HttpError::Token)?;
+    if let Some(forbidden) = session
+        .channels
+        .iter()
+        .find(|channel| !grant.subscribe.matches(channel))
+    {
+        return Err(HttpError::ChannelForbidden(forbidden.clone()));
+    }
+    session.client_id = Arc::clone(&grant.subject);
+    session.auth = Some(Box::new(ClientAuth {
+        verifier: Arc::clone(verifier),
+        grant,
+    }));
+    Ok(())
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The `token` query parameter (browsers cannot set headers on a WebSocket).
+fn query_token(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "token")
+        .map(|(_, token)| token.into_owned())
 }
 
 /// A client id for clients that did not name themselves: `c-` and 16 random hex digits.

@@ -220,6 +220,7 @@ impl Registry {
             generation,
             format,
             pinged_ms: 0,
+            expires_ms: u64::MAX,
         });
         let key = u32::try_from(key).expect("fewer than 2^32 connections per shard");
         if format != Format::Echo {
@@ -244,6 +245,22 @@ impl Registry {
             Some(entry) if entry.generation == id.generation => Some(f(&mut state, id.key)),
             _ => None,
         }
+    }
+
+    /// Closes the connection with 4001 "token expired" once `expires_in` has passed, unless a
+    /// later call moves the time. Checked by the shard's housekeeping, so it happens within a
+    /// second of the time.
+    pub fn set_expiry(&self, id: ConnId, expires_in: Duration) {
+        let at = self.now_ms().saturating_add(duration_ms(expires_in));
+        self.with_entry(id, |state, key| state.conns[key as usize].expires_ms = at);
+    }
+
+    /// The channels the connection is subscribed to.
+    pub fn subscriptions(&self, id: ConnId) -> Vec<Arc<str>> {
+        self.with_entry(id, |state, key| {
+            state.conns[key as usize].subscriptions.clone()
+        })
+        .unwrap_or_default()
     }
 
     /// Removes a connection and all its subscriptions. A stale or repeated id does nothing.

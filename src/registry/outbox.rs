@@ -31,6 +31,8 @@ pub enum CloseReason {
     GoingAway,
     /// The client sent nothing, not even a pong, for the idle timeout.
     IdleTimeout,
+    /// The client's token expired and no fresh one was sent (`refresh`).
+    TokenExpired,
     /// Writing to the socket failed: the client is gone.
     WriteFailed,
     /// The connection's own task is closing it (client close, protocol error); set so that
@@ -43,6 +45,7 @@ impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
             CloseReason::SlowConsumer => 1008,
+            CloseReason::TokenExpired => 4001,
             CloseReason::GoingAway | CloseReason::IdleTimeout => 1001,
             CloseReason::WriteFailed | CloseReason::Closing => 1000,
         }
@@ -54,6 +57,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::GoingAway => "going away",
             CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::TokenExpired => "token expired",
             CloseReason::WriteFailed => "write failed",
             CloseReason::Closing => "closing",
         }

@@ -66,6 +66,8 @@ pub struct Entry {
     pub format: Format,
     /// When the shard last pinged this connection (registry clock, ms).
     pub pinged_ms: u64,
+    /// When the connection's token expires (registry clock, ms); `u64::MAX` for never.
+    pub expires_ms: u64,
 }
 
 /// Slab keys filed under one name. Most client ids have a single connection, so one key is
@@ -286,7 +288,11 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
         let mut state = inner.shards[index].state.lock();
         for (_, entry) in state.conns.iter_mut() {
             let quiet = now.saturating_sub(entry.outbox.last_active_ms());
-            if quiet >= limits.idle_timeout_ms {
+            if now >= entry.expires_ms {
+                if entry.outbox.close(CloseReason::TokenExpired) {
+                    tracing::debug!(client_id = %entry.client_id, "closing: token expired");
+                }
+            } else if quiet >= limits.idle_timeout_ms {
                 if entry.outbox.close(CloseReason::IdleTimeout) {
                     tracing::debug!(client_id = %entry.client_id, "closing idle connection");
                 }

@@ -1,0 +1,317 @@
+//! Connection auth: verifying a client's JWT and what a verified token grants.
+//!
+//! With `--jwt-secret` (HS256/384/512) and/or `--jwt-public-key` (RS*/PS*, ES256/384, EdDSA), a
+//! `/ws` client must present a token. The token's header names its algorithm, which picks the
+//! key: HMAC algorithms are checked with the secret only and public-key algorithms with the
+//! public key only, so a token "signed" with the public key as an HMAC secret (key confusion)
+//! and `alg: none` are both refused. `exp` is required and, like `nbf`, enforced with no
+//! leeway unless `--jwt-leeway` sets one. Signature checks are the `jsonwebtoken` crate's.
+
+mod mint;
+mod pattern;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::name;
+
+pub use mint::{MintError, TokenRequest, mint};
+pub use pattern::{PatternError, Patterns};
+
+/// The shortest `--jwt-secret` accepted: RFC 7518 (3.2) wants an HMAC key at least as long as
+/// the hash, and a short shared secret can be brute-forced from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Why the JWT settings cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The secret is shorter than [`MIN_SECRET_BYTES`].
+    #[error("jwt-secret must be at least {MIN_SECRET_BYTES} bytes")]
+    ShortSecret,
+    /// The public key file is not an RSA, EC or Ed25519 public key in PEM.
+    #[error("jwt-public-key is not an RSA, EC (P-256/P-384) or Ed25519 public key in PEM")]
+    BadPublicKey,
+}
+
+/// Why a token was refused. Each variant has a stable code for the `401` body or error frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in `Authorization: Bearer` or `?token=`.
+    #[error("a token is required: Authorization: Bearer <jwt> or ?token=<jwt>")]
+    Missing,
+    /// Not three base64url parts with a JSON header and claims.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The header's `alg` is `none`, unknown, or not one the configured keys verify.
+    #[error("algorithm {0} is not accepted")]
+    AlgorithmNotAllowed(String),
+    /// The signature does not match.
+    #[error("bad signature")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not yet valid (nbf)")]
+    NotYetValid,
+    /// A claim the server requires is absent.
+    #[error("missing claim `{0}`")]
+    MissingClaim(String),
+    /// `iss` is not `--jwt-issuer`.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// `aud` does not include `--jwt-audience`.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// A claim has the wrong type, `sub` is not a valid client id, or a pattern is invalid.
+    #[error("invalid claims: {0}")]
+    InvalidClaims(String),
+    /// A refresh token names a different `sub` than the connection's.
+    #[error("the new token is for a different sub")]
+    SubjectChanged,
+}
+
+impl AuthError {
+    /// The stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "token_missing",
+            AuthError::Malformed(_) => "token_malformed",
+            AuthError::AlgorithmNotAllowed(_) => "token_algorithm_not_allowed",
+            AuthError::BadSignature => "token_bad_signature",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::MissingClaim(_) => "token_missing_claim",
+            AuthError::WrongIssuer => "token_wrong_issuer",
+            AuthError::WrongAudience => "token_wrong_audience",
+            AuthError::InvalidClaims(_) => "token_invalid_claims",
+            AuthError::SubjectChanged => "token_subject_changed",
+        }
+    }
+}
+
+/// The claims Herald reads. Unknown claims are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    /// Optional here so that a token without it gets "missing claim" rather than a parse error
+    /// (the validation requires both).
+    sub: Option<String>,
+    exp: Option<u64>,
+    /// Channel patterns the client may subscribe to.
+    #[serde(default)]
+    channels: Vec<String>,
+    /// Channel patterns the client may publish to from its socket.
+    #[serde(default)]
+    publish: Vec<String>,
+    /// Client-id patterns the client may send direct messages to.
+    #[serde(default)]
+    send: Vec<String>,
+}
+
+/// What a verified token lets its connection do.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// `sub`: the connection's client id.
+    pub subject: Arc<str>,
+    /// `channels`: what it may subscribe to.
+    pub subscribe: Patterns,
+    /// `publish`: where it may publish.
+    pub publish: Patterns,
+    /// `send`: which client ids it may send direct messages to.
+    pub send: Patterns,
+    /// When the connection must end (Unix seconds): `exp` plus the leeway.
+    pub expires_at: u64,
+}
+
+impl Grant {
+    /// Time left until [`Grant::expires_at`] (zero once it has passed).
+    pub fn expires_in(&self) -> Duration {
+        Duration::from_secs(
+            self.expires_at
+                .saturating_sub(jsonwebtoken::get_current_timestamp()),
+        )
+    }
+}
+
+/// An authenticated connection's grant, with the verifier that checks its refresh tokens.
+/// Boxed on the connection, so that anonymous connections pay one pointer for it.
+#[derive(Debug)]
+pub struct ClientAuth {
+    /// Checks the tokens the client sends to refresh its grant.
+    pub verifier: Arc<Verifier>,
+    /// What the client may do now.
+    pub grant: Grant,
+}
+
+/// One configured key and the checks that go with it.
+struct Key {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Checks tokens against the configured keys; built once at start-up and shared.
+pub struct Verifier {
+    secret: Option<Key>,
+    public: Option<Key>,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("secret", &self.secret.is_some())
+            .field("public", &self.public.is_some())
+            .field("leeway", &self.leeway)
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// The verifier for `config`, or `None` when no JWT key is configured (clients are then
+    /// anonymous).
+    ///
+    /// # Errors
+    /// A secret that is too short or a public key that does not parse.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, KeyError> {
+        if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
+            return Ok(None);
+        }
+        let leeway = config.jwt_leeway.as_secs();
+        let validation = |family: AlgorithmFamily| {
+            let mut validation = Validation::new(family.algorithms()[0]);
+            validation.algorithms = family.algorithms().to_vec();
+            validation.leeway = leeway;
+            validation.validate_exp = true;
+            validation.validate_nbf = true;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            match &config.jwt_audience {
+                Some(audience) => validation.set_audience(&[audience]),
+                None => validation.validate_aud = false,
+            }
+            if let Some(issuer) = &config.jwt_issuer {
+                validation.set_issuer(&[issuer]);
+                validation.required_spec_claims =
+                    HashSet::from(["exp", "sub", "iss"].map(String::from));
+            }
+            validation
+        };
+        let secret = match &config.jwt_secret {
+            Some(secret) if secret.len() < MIN_SECRET_BYTES => return Err(KeyError::ShortSecret),
+            Some(secret) => Some(Key {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: validation(AlgorithmFamily::Hmac),
+            }),
+            None => None,
+        };
+        let public = match &config.jwt_public_key {
+            Some(pem) => {
+                let pem = pem.as_bytes();
+                let key = DecodingKey::from_rsa_pem(pem)
+                    .or_else(|_| DecodingKey::from_ec_pem(pem))
+                    .or_else(|_| DecodingKey::from_ed_pem(pem))
+                    .map_err(|_| KeyError::BadPublicKey)?;
+                let validation = validation(key.family());
+                Some(Key { key, validation })
+            }
+            None => None,
+        };
+        Ok(Some(Self {
+            secret,
+            public,
+            leeway,
+        }))
+    }
+
+    /// Verifies `token` and returns what it grants.
+    ///
+    /// # Errors
+    /// Why the token is refused, as an [`AuthError`].
+    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|err| header_error(token, &err))?;
+        let key = [&self.secret, &self.public]
+            .into_iter()
+            .flatten()
+            .find(|key| key.validation.algorithms.contains(&header.alg))
+            .ok_or_else(|| AuthError::AlgorithmNotAllowed(format!("{:?}", header.alg)))?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(|err| claims_error(err.into_kind(), header.alg))?
+            .claims;
+        let sub = claims
+            .sub
+            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
+        let exp = claims
+            .exp
+            .ok_or_else(|| AuthError::MissingClaim("exp".to_owned()))?;
+        name::validate(&sub).map_err(|err| {
+            AuthError::InvalidClaims(format!("sub is not a valid client id: {err}"))
+        })?;
+        let patterns = |list: &[String], claim: &str| {
+            Patterns::parse(list).map_err(|err| AuthError::InvalidClaims(format!("{claim}: {err}")))
+        };
+        Ok(Grant {
+            subscribe: patterns(&claims.channels, "channels")?,
+            publish: patterns(&claims.publish, "publish")?,
+            send: patterns(&claims.send, "send")?,
+            subject: Arc::from(sub),
+            expires_at: exp.saturating_add(self.leeway),
+        })
+    }
+
+    /// Verifies a token sent to refresh a connection's grant: valid, and for the same `sub`.
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`], and [`AuthError::SubjectChanged`].
+    pub fn refresh(&self, current: &Grant, token: &str) -> Result<Grant, AuthError> {
+        let grant = self.verify(token)?;
+        if grant.subject != current.subject {
+            return Err(AuthError::SubjectChanged);
+        }
+        Ok(grant)
+    }
+}
+
+/// Why a token's header was refused: an `alg` we do not take (`none` included) gets its own
+/// reason; anything else is malformed.
+fn header_error(token: &str, err: &jsonwebtoken::errors::Error) -> AuthError {
+    #[derive(Deserialize)]
+    struct AlgOnly {
+        alg: String,
+    }
+    let alg = token
+        .split('.')
+        .next()
+        .and_then(|part| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<AlgOnly>(&json).ok());
+    match alg {
+        Some(AlgOnly { alg }) => AuthError::AlgorithmNotAllowed(alg),
+        None => AuthError::Malformed(err.to_string()),
+    }
+}
+
+fn claims_error(kind: ErrorKind, alg: Algorithm) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(format!("{alg:?}")),
+        ErrorKind::InvalidClaimFormat(claim) => {
+            AuthError::InvalidClaims(format!("`{claim}` has the wrong type"))
+        }
+        ErrorKind::Json(err) => AuthError::InvalidClaims(err.to_string()),
+        other => AuthError::Malformed(format!("{other:?}")),
+    }
+}
