@@ -125,3 +125,102 @@ async fn env_configured_server_serves_and_exits_cleanly_on_sigterm() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+/// Starts the binary with `args` and returns it, its address, and its start-up log: the lines
+/// up to the first pause of a second after the address (the auth warnings follow it at once).
+fn spawn_logged(args: &[&str]) -> (Running, SocketAddr, Vec<String>) {
+    let child = Command::new(HERALD)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let mut server = Running(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Drains the log for the server's whole life, so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let mut addr = None;
+    loop {
+        let wait = if addr.is_some() {
+            Duration::from_secs(1)
+        } else {
+            common::WAIT
+        };
+        let Ok(line) = rx.recv_timeout(wait) else {
+            break;
+        };
+        if let Some(at) = line.find("addr=") {
+            addr = line[at + 5..]
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse().ok());
+        }
+        log.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| panic!("the start-up log names the address: {log:#?}"));
+    (server, addr, log)
+}
+
+#[tokio::test]
+async fn anonymous_start_warns_and_token_subcommand_mints_accepted_tokens() {
+    let (_anonymous, _, log) = spawn_logged(&[]);
+    assert!(
+        log.iter()
+            .any(|line| line.contains("WebSocket clients are anonymous")),
+        "no warning about anonymous clients in {log:#?}"
+    );
+
+    let secret = "cli-test-secret-0123456789abcdefghij";
+    let minted = Command::new(HERALD)
+        .args([
+            "token",
+            "--sub",
+            "alice",
+            "--channels",
+            "news,user:alice:*",
+            "--ttl",
+            "5m",
+        ])
+        .env("HERALD_JWT_SECRET", secret)
+        .output()
+        .expect("run herald token");
+    assert!(minted.status.success(), "{minted:?}");
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+
+    let short = Command::new(HERALD)
+        .args(["token", "--sub", "alice", "--jwt-secret", "short"])
+        .output()
+        .expect("run herald token");
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 32 bytes"));
+
+    let (_server, addr, log) = spawn_logged(&["--jwt-secret", secret]);
+    assert!(
+        !log.iter().any(|line| line.contains("anonymous")),
+        "{log:#?}"
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?channels=news&token={token}"))
+            .await
+            .expect("connect with the minted token");
+    let welcome = common::recv_json(&mut ws).await;
+    assert_eq!(welcome["client_id"], "alice");
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?channels=secret&token={token}"))
+            .await;
+    assert!(
+        refused.is_err(),
+        "a channel outside the token's patterns is refused"
+    );
+    let anonymous = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    assert!(anonymous.is_err(), "no token, no WebSocket");
+}
