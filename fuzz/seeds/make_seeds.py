@@ -211,11 +211,36 @@ def mask_seeds():
         write("mask", name, data)
 
 
+def token_seeds():
+    import base64
+    import json
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    far = 4102444800  # 2100-01-01
+    signed = {
+        "signed_full": {"sub": "alice", "exp": far, "channels": ["news", "user:42:*"],
+                        "publish": ["chat:*"], "send": ["bob"]},
+        "signed_no_sub": {"exp": far},
+        "signed_bad_pattern": {"sub": "a", "exp": far, "channels": ["a*b", ""]},
+        "signed_exp_string": {"sub": "a", "exp": "x"},
+        "signed_expired": {"sub": "a", "exp": 1},
+    }
+    for name, claims in signed.items():
+        write("token", name, b"\x01" + json.dumps(claims).encode())
+    none = b64(b'{"alg":"none"}') + b"." + b64(json.dumps({"sub": "a", "exp": far}).encode())
+    write("token", "raw_alg_none", b"\x00" + none + b".")
+    write("token", "raw_garbage", b"\x00a.b.c")
+    write("token", "raw_empty_parts", b"\x00..")
+
+
 if __name__ == "__main__":
-    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask"]:
+    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token"]:
         shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
     ws_seeds()
     handshake_seeds()
     client_request_seeds()
     publish_body_seeds()
     mask_seeds()
+    token_seeds()
