@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds Herald, starts it on a free loopback port and runs the headless-browser
-# end-to-end test of the demo page (tests/browser/demo.test.mjs) against it.
+# Builds Herald, starts it on free loopback ports (once anonymous, once with JWT auth and
+# tokens minted by `herald token`) and runs the headless-browser end-to-end test of the
+# demo page (tests/browser/demo.test.mjs) against both.
 #
 # Needs: cargo, node >= 20 + npm, and Debian's chromium (installed here if missing).
 # Exit code: the node test runner's.
@@ -36,64 +37,87 @@ log "building herald"
 cargo build --release --bin herald
 BIN="$ROOT/target/release/herald"
 
-# --- start it on a free loopback port ----------------------------------------
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
-URL="http://127.0.0.1:$PORT"
+# --- start two servers on free loopback ports: anonymous, and with JWT auth ------
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
 mkdir -p tests/browser/artifacts
-SERVER_LOG="tests/browser/artifacts/herald-$PORT.log"
-
-SERVER_PID=""
+SERVER_PIDS=()
+SERVER_LOGS=()
 cleanup() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-      kill -0 "$SERVER_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -9 "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
+  for pid in "${SERVER_PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -9 "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-log "starting $BIN --listen 127.0.0.1:$PORT (log: $SERVER_LOG)"
-"$BIN" --listen "127.0.0.1:$PORT" >"$SERVER_LOG" 2>&1 &
-SERVER_PID=$!
-
-# --- wait (at most 20 s) until /healthz answers ------------------------------
-ready=0
-for _ in $(seq 1 100); do
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    log "herald exited before becoming ready; its log:"
-    cat "$SERVER_LOG" >&2 || true
-    exit 1
-  fi
-  if curl -fsS --max-time 1 "$URL/healthz" >/dev/null 2>&1; then
-    ready=1
-    break
-  fi
-  sleep 0.2
-done
-if [[ "$ready" -ne 1 ]]; then
-  log "herald did not answer $URL/healthz within 20 s; its log:"
-  cat "$SERVER_LOG" >&2 || true
+# start_server PORT [FLAGS...]: starts herald and waits (at most 20 s) for /healthz.
+start_server() {
+  local port="$1"; shift
+  local url="http://127.0.0.1:$port"
+  local log_file="tests/browser/artifacts/herald-$port.log"
+  log "starting $BIN --listen 127.0.0.1:$port $* (log: $log_file)"
+  "$BIN" --listen "127.0.0.1:$port" "$@" >"$log_file" 2>&1 &
+  local pid=$!
+  SERVER_PIDS+=("$pid")
+  SERVER_LOGS+=("$log_file")
+  for _ in $(seq 1 100); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "herald exited before becoming ready; its log:"
+      cat "$log_file" >&2 || true
+      exit 1
+    fi
+    if curl -fsS --max-time 1 "$url/healthz" >/dev/null 2>&1; then
+      log "herald is up at $url"
+      return 0
+    fi
+    sleep 0.2
+  done
+  log "herald did not answer $url/healthz within 20 s; its log:"
+  cat "$log_file" >&2 || true
   exit 1
-fi
-log "herald is up at $URL"
+}
+
+PORT="$(free_port)"
+URL="http://127.0.0.1:$PORT"
+start_server "$PORT"
+
+AUTH_PORT="$(free_port)"
+AUTH_URL="http://127.0.0.1:$AUTH_PORT"
+HERALD_JWT_SECRET="browser-test-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export HERALD_JWT_SECRET
+start_server "$AUTH_PORT"
+mint() {
+  "$BIN" token --sub "$1" --channels 'news,room:*' --publish 'room:*' --send '*' --ttl 10m
+}
+TOKEN_ALICE="$(mint alice)"
+TOKEN_BOB="$(mint bob)"
+unset HERALD_JWT_SECRET
 
 # --- run the test -------------------------------------------------------------
 status=0
 (
   cd tests/browser
-  HERALD_URL="$URL" node --test --test-reporter=spec demo.test.mjs
+  HERALD_URL="$URL" HERALD_AUTH_URL="$AUTH_URL" HERALD_TOKEN_ALICE="$TOKEN_ALICE" \
+    HERALD_TOKEN_BOB="$TOKEN_BOB" node --test --test-reporter=spec demo.test.mjs
 ) || status=$?
 
 if [[ "$status" -ne 0 ]]; then
-  log "browser test failed (exit $status); server log follows, screenshots in tests/browser/artifacts/"
-  tail -n 100 "$SERVER_LOG" >&2 || true
+  log "browser test failed (exit $status); server logs follow, screenshots in tests/browser/artifacts/"
+  for log_file in "${SERVER_LOGS[@]}"; do
+    tail -n 100 "$log_file" >&2 || true
+  done
 else
-  rm -f "$SERVER_LOG"
+  rm -f "${SERVER_LOGS[@]}"
 fi
 exit "$status"

@@ -84,7 +84,9 @@ async function saveArtifacts(testName) {
   }
 }
 
-async function openClient(id) {
+const AUTH_URL = (process.env.HERALD_AUTH_URL || '').replace(/\/+$/, '');
+
+async function openClient(id, url = `${HERALD_URL}/?client_id=${encodeURIComponent(id)}`) {
   const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
   context.setDefaultTimeout(TIMEOUT);
   const page = await context.newPage();
@@ -98,7 +100,7 @@ async function openClient(id) {
     ws.on('close', () => logs.push('[ws] closed'));
   });
   clients.set(id, { context, page, logs });
-  const resp = await page.goto(`${HERALD_URL}/?client_id=${encodeURIComponent(id)}`, {
+  const resp = await page.goto(url, {
     timeout: TIMEOUT,
     waitUntil: 'domcontentloaded',
   });
@@ -264,4 +266,26 @@ test('HTTP broadcasts and HTTP direct messages are shown', withArtifacts(async (
   await waitForEntry(bob, '#dm-log', '(HTTP API)', 'from the API', 'bob gets the API direct message');
   await new Promise((r) => setTimeout(r, 300));
   assert.equal(await alice.locator('#dm-log > li.incoming').count(), 0, 'alice received no incoming DM');
+}));
+
+test('with JWT auth, the page connects with ?token= and the token picks the client id', {
+  skip: AUTH_URL ? false : 'HERALD_AUTH_URL not set (scripts/browser-test.sh sets it)',
+}, withArtifacts(async () => {
+  const token = (name) => process.env[`HERALD_TOKEN_${name.toUpperCase()}`];
+  // ?client_id= is ignored when a token names the client.
+  const alice = await openClient('auth-alice',
+    `${AUTH_URL}/?client_id=mallory&token=${encodeURIComponent(token('alice'))}`);
+  const bob = await openClient('auth-bob', `${AUTH_URL}/?token=${encodeURIComponent(token('bob'))}`);
+  await waitForText(alice, '#client-id', 'alice', 'alice welcome');
+  await waitForText(bob, '#client-id', 'bob', 'bob welcome');
+  assert.equal((await alice.locator('#client-id').textContent()).trim(), 'alice');
+
+  await join(alice, 'auth-room');
+  await join(bob, 'auth-room');
+  await chat(alice, 'hello with a token');
+  await waitForEntry(bob, '#chat-log', 'alice', 'hello with a token', 'bob gets alice\'s chat');
+
+  // No token: the upgrade is refused (401) and the page says why instead of failing silently.
+  const anonymous = await openClient('auth-none', `${AUTH_URL}/`);
+  await waitForText(anonymous, '#errors', ['refused the WebSocket', '?token='], 'refusal explained');
 }));
