@@ -211,6 +211,8 @@ async fn every_refused_token_gets_401_with_its_reason_and_registers_nothing() {
         assert_eq!(body["error"], code, "{what}: {body}");
         assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    let echo = http_exchange(server.addr, upgrade_request_for("/echo", "").into_bytes()).await;
+    assert_eq!(echo.status, 401, "/echo needs a token too when auth is on");
     let (status, body) = upgrade(&server, "token=not-a-jwt", None).await;
     assert_eq!(
         (status, body["error"].as_str()),

@@ -47,12 +47,24 @@ pub fn websocket(
             }
             session
         }
-        Endpoint::Echo => Session {
-            client_id: Arc::from(random_client_id()),
-            format: Format::Echo,
-            channels: Vec::new(),
-            auth: None,
-        },
+        Endpoint::Echo => {
+            let mut session = Session {
+                client_id: Arc::from(random_client_id()),
+                format: Format::Echo,
+                channels: Vec::new(),
+                auth: None,
+            };
+            // With auth on, nobody holds a connection without a token, echo included.
+            if let Some(verifier) = &state.verifier {
+                authenticate(
+                    &mut session,
+                    verifier,
+                    req.headers(),
+                    req.uri().query().unwrap_or(""),
+                )?;
+            }
+            session
+        }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
