@@ -3,13 +3,14 @@
 //! The binary fills a [`Config`] from command-line flags and `HERALD_*` environment variables;
 //! tests and embedders build one with [`Config::default`] and the by-value setters.
 
+use std::fmt;
 use std::time::Duration;
 
 /// Everything the server needs to know besides the listening socket.
 ///
 /// Each field's default is chosen for a notification server at the edge: small messages, many
 /// mostly idle connections, and clients that may be hostile or merely slow.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Config {
     /// Number of registry shards, each with its own lock and writer task. Default: the number of
@@ -60,6 +61,37 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// When set, tokens' `aud` must include this.
     pub jwt_audience: Option<String>,
+}
+
+/// Secrets (API keys, the JWT secret) are left out, so that a logged configuration leaks none.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("shards", &self.shards)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("client_publish_rate", &self.client_publish_rate)
+            .field(
+                "api_keys",
+                &format_args!("[{} redacted]", self.api_keys.len()),
+            )
+            .field("allowed_origins", &self.allowed_origins)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key", &self.jwt_public_key.is_some())
+            .field("jwt_leeway", &self.jwt_leeway)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -261,6 +293,56 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn debug_output_leaves_secrets_out() {
+        let config = Config::default()
+            .api_keys(vec!["key-one".into()])
+            .jwt_secret(Some("jwt-secret-jwt-secret-jwt-secret-!".into()));
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("key-one") && !debug.contains("jwt-secret-jwt"),
+            "{debug}"
+        );
+        assert!(debug.contains("queue_capacity"));
+    }
+
+    #[test]
+    fn rejects_unusable_jwt_settings() {
+        use crate::auth::KeyError;
+        let jwt = |config: Config| config.jwt_secret(Some("s".repeat(32)));
+        assert_eq!(jwt(Config::default()).validate(), Ok(()));
+        assert_eq!(
+            Config::default()
+                .jwt_secret(Some("s".repeat(31)))
+                .validate(),
+            Err(ConfigError::Jwt(KeyError::ShortSecret))
+        );
+        assert_eq!(
+            jwt(Config::default().jwt_leeway(Duration::from_secs(3601))).validate(),
+            Err(ConfigError::Jwt(KeyError::LeewayTooLong))
+        );
+        let private = include_str!("../tests/fixtures/jwt/es256-private.pem");
+        assert_eq!(
+            Config::default()
+                .jwt_public_key(Some(private.into()))
+                .validate(),
+            Err(ConfigError::Jwt(KeyError::PrivateKey))
+        );
+        assert_eq!(
+            Config::default()
+                .jwt_public_key(Some("not a key".into()))
+                .validate(),
+            Err(ConfigError::Jwt(KeyError::BadPublicKey))
+        );
+        let public = include_str!("../tests/fixtures/jwt/es256-public.pem");
+        assert_eq!(
+            Config::default()
+                .jwt_public_key(Some(public.into()))
+                .validate(),
+            Ok(())
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use serde_json::value::RawValue;
 
-use crate::auth::ClientAuth;
+use crate::auth::{AuthError, ClientAuth};
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::rate::{RateLimit, Verdict};
@@ -454,16 +454,14 @@ impl Connection {
     fn denied(&self, request: &Request<'_>) -> Option<&'static str> {
         let grant = &self.auth.as_ref()?.grant;
         match request {
-            Request::Subscribe { channel } if !grant.subscribe.matches(channel) => {
-                Some("the token does not grant subscribing to this channel")
-            }
-            Request::Publish { channel, .. } if !grant.publish.matches(channel) => {
-                Some("the token does not grant publishing to this channel")
-            }
-            Request::Send { to, .. } if !grant.send.matches(to) => {
-                Some("the token does not grant sending to this client id")
-            }
-            _ => None,
+            Request::Subscribe { channel } => (!grant.subscribe.matches(channel))
+                .then_some("the token does not grant subscribing to this channel"),
+            Request::Publish { channel, .. } => (!grant.publish.matches(channel))
+                .then_some("the token does not grant publishing to this channel"),
+            Request::Send { to, .. } => (!grant.send.matches(to))
+                .then_some("the token does not grant sending to this client id"),
+            // Leaving is always allowed; a refresh is checked by the verifier.
+            Request::Unsubscribe { .. } | Request::Refresh { .. } => None,
         }
     }
 
@@ -482,6 +480,11 @@ impl Connection {
             Ok(grant) => grant,
             Err(err) => return protocol::error_frame(id, err.code(), &err.to_string()),
         };
+        if self.outbox.close_reason() == Some(CloseReason::TokenExpired) {
+            // Too late: the expiry check got there first, and its close stands.
+            let err = AuthError::Expired;
+            return protocol::error_frame(id, err.code(), &err.to_string());
+        }
         let expires_in = grant.expires_in();
         let revoked: Vec<_> = self
             .registry

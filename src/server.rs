@@ -45,9 +45,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
-    if config.api_keys.is_empty() {
-        tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
-    }
     let verifier = Verifier::from_config(&config)
         .map_err(ConfigError::from)?
         .map(Arc::new);
@@ -56,6 +53,9 @@ pub async fn run(
             "no --jwt-secret or --jwt-public-key: WebSocket clients are anonymous and may pick \
              any client_id and subscribe to any channel"
         );
+    }
+    if config.api_keys.is_empty() {
+        tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
     }
     let registry = Registry::new(&config);
     let limit = Arc::new(Semaphore::new(config.max_connections));

@@ -126,6 +126,9 @@ async fn a_valid_token_in_the_header_or_the_query_makes_sub_the_client_id() {
     let token = hs256(&claims("alice", json!({"channels": ["news"]})));
     let (_ws, id) = connect_with_header(&server, "client_id=mallory&channels=news", &token).await;
     assert_eq!(id, "alice", "sub wins over ?client_id=");
+    let bob = hs256(&claims("bob", json!({})));
+    let (_ws, id) = connect_with_header(&server, &format!("token={bob}"), &token).await;
+    assert_eq!(id, "alice", "the Authorization header wins over ?token=");
     let (mut ws, id) = server
         .connect_json(&format!("channels=news&client_id=mallory&token={token}"))
         .await;
@@ -178,6 +181,16 @@ async fn every_refused_token_gets_401_with_its_reason_and_registers_nothing() {
             "no exp",
             Some(hs256(&claims("a", json!({"exp": null})))),
             "token_missing_claim",
+        ),
+        (
+            "exp is now (valid strictly before exp)",
+            Some(hs256(&claims("a", json!({"exp": now()})))),
+            "token_expired",
+        ),
+        (
+            "two parts",
+            Some("eyJhbGciOiJIUzI1NiJ9.e30".into()),
+            "token_malformed",
         ),
         (
             "no sub",
@@ -342,6 +355,11 @@ async fn channel_patterns_decide_what_a_client_may_subscribe_to() {
     assert_eq!(status, 403);
     assert_eq!(body["error"], "forbidden");
     assert!(body["message"].as_str().unwrap().contains("user:43:inbox"));
+    assert_eq!(
+        stats(&server).await["connections_opened"],
+        0,
+        "a 403 registers nothing"
+    );
 
     let (mut ws, _) = server
         .connect_json(&format!("channels=news,user:42:inbox&token={token}"))
@@ -452,21 +470,29 @@ async fn publish_and_send_need_their_own_claims() {
 #[tokio::test]
 async fn an_expired_token_closes_the_connection_with_4001() {
     let server = hs256_server().await;
-    let token = hs256(&claims(
-        "short",
-        json!({"exp": now() + 2, "channels": ["*"]}),
-    ));
-    let (mut ws, _) = server
+    let exp = now() + 4;
+    let token = hs256(&claims("short", json!({"exp": exp, "channels": ["*"]})));
+    let (mut json_ws, _) = server
         .connect_json(&format!("channels=news&token={token}"))
         .await;
-    assert_eq!(
-        expect_close(&mut ws).await,
-        (4001, "token expired".to_owned())
-    );
+    // A raw connection cannot refresh: it is closed at the same time.
+    let mut raw_ws = server
+        .connect(&format!("/ws?format=raw&channels=news&token={token}"))
+        .await;
+    server
+        .http()
+        .await
+        .post_json("/api/publish/news", r#""before""#)
+        .await;
+    assert_eq!(recv_json(&mut json_ws).await["data"], "before");
+    for ws in [&mut json_ws, &mut raw_ws] {
+        assert_eq!(expect_close(ws).await, (4001, "token expired".to_owned()));
+        assert!(now() >= exp, "closed before the token's exp");
+    }
     let metrics = server.http().await.get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     assert!(
-        text.contains(r#"herald_connections_closed_total{reason="token_expired"} 1"#),
+        text.contains(r#"herald_connections_closed_total{reason="token_expired"} 2"#),
         "{text}"
     );
 }
@@ -474,9 +500,10 @@ async fn an_expired_token_closes_the_connection_with_4001() {
 #[tokio::test]
 async fn a_refresh_keeps_the_connection_and_applies_the_new_grant() {
     let server = hs256_server().await;
+    let first_exp = now() + 4;
     let first = hs256(&claims(
         "bob",
-        json!({"exp": now() + 2, "channels": ["a", "b"]}),
+        json!({"exp": first_exp, "channels": ["a", "b"]}),
     ));
     let (mut ws, _) = server
         .connect_json(&format!("channels=a,b&token={first}"))
@@ -499,6 +526,16 @@ async fn a_refresh_keeps_the_connection_and_applies_the_new_grant() {
     )
     .await;
     assert_eq!(recv_json(&mut ws).await["code"], "token_malformed");
+    let expired = hs256(&claims("bob", json!({"exp": now() - 1})));
+    send_json(&mut ws, json!({"type": "refresh", "token": expired})).await;
+    assert_eq!(recv_json(&mut ws).await["code"], "token_expired");
+    let forged = signed(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"not-the-server-secret-but-32-bytes!"),
+        &claims("bob", json!({"channels": ["*"]})),
+    );
+    send_json(&mut ws, json!({"type": "refresh", "token": forged})).await;
+    assert_eq!(recv_json(&mut ws).await["code"], "token_bad_signature");
 
     let fresh = hs256(&claims("bob", json!({"channels": ["a"]})));
     send_json(&mut ws, json!({"type": "refresh", "token": fresh, "id": 3})).await;
@@ -512,13 +549,13 @@ async fn a_refresh_keeps_the_connection_and_applies_the_new_grant() {
     assert_eq!(refreshed["id"], 3);
     assert!(refreshed["expires_in"].as_u64().unwrap() > 3000);
 
-    // Past the first token's expiry, the connection still receives.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Past the first token's expiry (and the once-a-second check), the connection receives.
+    while now() <= first_exp + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut http = server.http().await;
-    assert_eq!(
-        http.post_json("/api/publish/b", "1").await.json()["subscribers"],
-        0
-    );
+    let reply = http.post_json("/api/publish/b", "1").await;
+    assert_eq!(reply.json()["subscribers"], 0, "the revoked channel");
     http.post_json("/api/publish/a", r#""still here""#).await;
     assert_eq!(recv_json(&mut ws).await["data"], "still here");
 }

@@ -41,6 +41,9 @@ pub enum MintError {
     /// A pattern can match no valid name.
     #[error("{0}")]
     InvalidPattern(#[from] PatternError),
+    /// A token valid for less than a second would be refused on arrival.
+    #[error("the ttl must be at least one second")]
+    ShortTtl,
     /// Only HMAC algorithms can be minted from a shared secret.
     #[error("{0:?} is not an HMAC algorithm (HS256, HS384, HS512)")]
     NotHmac(Algorithm),
@@ -81,6 +84,9 @@ pub fn mint(
     ) {
         return Err(MintError::NotHmac(algorithm));
     }
+    if request.ttl < Duration::from_secs(1) {
+        return Err(MintError::ShortTtl);
+    }
     name::validate(&request.subject).map_err(MintError::InvalidSubject)?;
     for list in [&request.channels, &request.publish, &request.send] {
         Patterns::parse(list)?;
@@ -102,4 +108,72 @@ pub fn mint(
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|err| MintError::Signing(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Verifier;
+    use crate::config::Config;
+
+    const SECRET: &str = "unit-test-secret-of-at-least-32-bytes";
+
+    #[test]
+    fn minted_tokens_verify_with_the_same_secret() {
+        let request = TokenRequest {
+            subject: "alice".into(),
+            channels: vec!["news".into(), "user:alice:*".into()],
+            publish: vec!["room:*".into()],
+            ttl: Duration::from_secs(60),
+            ..TokenRequest::default()
+        };
+        let config = Config::default().jwt_secret(Some(SECRET.into()));
+        let verifier = Verifier::from_config(&config).unwrap().unwrap();
+        for algorithm in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let grant = verifier
+                .verify(&mint(SECRET, algorithm, &request).unwrap())
+                .unwrap();
+            assert_eq!(&*grant.subject, "alice");
+            assert!(grant.subscribe.matches("user:alice:inbox"));
+            assert!(grant.publish.matches("room:1") && !grant.publish.matches("news"));
+            assert!(!grant.send.matches("bob"));
+            assert!(grant.expires_in() > Duration::from_secs(58));
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_server_would_refuse() {
+        let ok = TokenRequest {
+            subject: "a".into(),
+            ttl: Duration::from_secs(60),
+            ..TokenRequest::default()
+        };
+        let mint = |secret: &str, request: &TokenRequest| mint(secret, Algorithm::HS256, request);
+        assert_eq!(mint("short", &ok), Err(MintError::ShortSecret));
+        let short_ttl = TokenRequest {
+            ttl: Duration::from_millis(500),
+            ..ok.clone()
+        };
+        assert_eq!(mint(SECRET, &short_ttl), Err(MintError::ShortTtl));
+        let bad_sub = TokenRequest {
+            subject: "a b".into(),
+            ..ok.clone()
+        };
+        assert!(matches!(
+            mint(SECRET, &bad_sub),
+            Err(MintError::InvalidSubject(_))
+        ));
+        let bad_pattern = TokenRequest {
+            channels: vec!["a*b".into()],
+            ..ok.clone()
+        };
+        assert!(matches!(
+            mint(SECRET, &bad_pattern),
+            Err(MintError::InvalidPattern(_))
+        ));
+        assert_eq!(
+            super::mint(SECRET, Algorithm::RS256, &ok),
+            Err(MintError::NotHmac(Algorithm::RS256))
+        );
+    }
 }

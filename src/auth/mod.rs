@@ -11,8 +11,9 @@ mod mint;
 mod pattern;
 
 use std::collections::HashSet;
+use std::str::FromStr as _;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
@@ -29,12 +30,23 @@ pub use pattern::{PatternError, Patterns};
 /// the hash, and a short shared secret can be brute-forced from any one token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// The longest `--jwt-leeway` accepted: clock skew is seconds, and a leeway of days would
+/// quietly keep expired tokens valid.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
 /// Why the JWT settings cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     /// The secret is shorter than [`MIN_SECRET_BYTES`].
     #[error("jwt-secret must be at least {MIN_SECRET_BYTES} bytes")]
     ShortSecret,
+    /// The file holds a private key: a notification server at the edge must not hold the
+    /// signing key (and the JWT crate would take it and then verify nothing).
+    #[error("jwt-public-key holds a private key; give the server the public key only")]
+    PrivateKey,
+    /// The leeway is over [`MAX_LEEWAY`].
+    #[error("jwt-leeway must be at most {}s", MAX_LEEWAY.as_secs())]
+    LeewayTooLong,
     /// The public key file is not an RSA, EC or Ed25519 public key in PEM.
     #[error("jwt-public-key is not an RSA, EC (P-256/P-384) or Ed25519 public key in PEM")]
     BadPublicKey,
@@ -100,10 +112,12 @@ impl AuthError {
 /// The claims Herald reads. Unknown claims are ignored.
 #[derive(Debug, Deserialize)]
 struct Claims {
-    /// Optional here so that a token without it gets "missing claim" rather than a parse error
-    /// (the validation requires both).
-    sub: Option<String>,
-    exp: Option<u64>,
+    /// Defaulted so that a token without `sub` or `exp` gets "missing claim" from the
+    /// validation (which requires both) rather than a parse error.
+    #[serde(default)]
+    sub: String,
+    #[serde(default)]
+    exp: u64,
     /// Channel patterns the client may subscribe to.
     #[serde(default)]
     channels: Vec<String>,
@@ -126,17 +140,18 @@ pub struct Grant {
     pub publish: Patterns,
     /// `send`: which client ids it may send direct messages to.
     pub send: Patterns,
-    /// When the connection must end (Unix seconds): `exp` plus the leeway.
+    /// When the connection must end (Unix seconds): `exp` plus the leeway. The token is valid
+    /// strictly before this second.
     pub expires_at: u64,
 }
 
 impl Grant {
-    /// Time left until [`Grant::expires_at`] (zero once it has passed).
+    /// Time left until [`Grant::expires_at`], to the millisecond (zero once it has passed).
     pub fn expires_in(&self) -> Duration {
-        Duration::from_secs(
-            self.expires_at
-                .saturating_sub(jsonwebtoken::get_current_timestamp()),
-        )
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Duration::from_secs(self.expires_at).saturating_sub(now)
     }
 }
 
@@ -183,6 +198,9 @@ impl Verifier {
         if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
             return Ok(None);
         }
+        if config.jwt_leeway > MAX_LEEWAY {
+            return Err(KeyError::LeewayTooLong);
+        }
         let leeway = config.jwt_leeway.as_secs();
         let validation = |family: AlgorithmFamily| {
             let mut validation = Validation::new(family.algorithms()[0]);
@@ -211,6 +229,7 @@ impl Verifier {
             None => None,
         };
         let public = match &config.jwt_public_key {
+            Some(pem) if pem.contains("PRIVATE KEY") => return Err(KeyError::PrivateKey),
             Some(pem) => {
                 let pem = pem.as_bytes();
                 let key = DecodingKey::from_rsa_pem(pem)
@@ -243,12 +262,12 @@ impl Verifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|err| claims_error(err.into_kind(), header.alg))?
             .claims;
-        let sub = claims
-            .sub
-            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
-        let exp = claims
-            .exp
-            .ok_or_else(|| AuthError::MissingClaim("exp".to_owned()))?;
+        let expires_at = claims.exp.saturating_add(self.leeway);
+        // The JWT crate still accepts a token in its `exp` second; RFC 7519 (4.1.4) does not.
+        if expires_at <= jsonwebtoken::get_current_timestamp() {
+            return Err(AuthError::Expired);
+        }
+        let sub = claims.sub;
         name::validate(&sub).map_err(|err| {
             AuthError::InvalidClaims(format!("sub is not a valid client id: {err}"))
         })?;
@@ -260,7 +279,7 @@ impl Verifier {
             publish: patterns(&claims.publish, "publish")?,
             send: patterns(&claims.send, "send")?,
             subject: Arc::from(sub),
-            expires_at: exp.saturating_add(self.leeway),
+            expires_at,
         })
     }
 
@@ -277,25 +296,28 @@ impl Verifier {
     }
 }
 
-/// Why a token's header was refused: an `alg` we do not take (`none` included) gets its own
-/// reason; anything else is malformed.
+/// Why a token's header was refused: an `alg` the JWT crate does not know (`none` included)
+/// gets its own reason; anything else is malformed.
 fn header_error(token: &str, err: &jsonwebtoken::errors::Error) -> AuthError {
     #[derive(Deserialize)]
     struct AlgOnly {
         alg: String,
     }
-    let alg = token
-        .split('.')
-        .next()
-        .and_then(|part| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(part)
-                .ok()
-        })
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return AuthError::Malformed(err.to_string());
+    };
+    let alg = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
         .and_then(|json| serde_json::from_slice::<AlgOnly>(&json).ok());
     match alg {
-        Some(AlgOnly { alg }) => AuthError::AlgorithmNotAllowed(alg),
-        None => AuthError::Malformed(err.to_string()),
+        Some(AlgOnly { alg }) if Algorithm::from_str(&alg).is_err() => {
+            AuthError::AlgorithmNotAllowed(alg)
+        }
+        _ => AuthError::Malformed(err.to_string()),
     }
 }
 

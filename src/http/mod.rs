@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/` | GET | the demo page |
 //! | `/healthz` | GET | `ok` while the server runs |
-//! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format` query) |
+//! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format`, `token` query) |
 //! | `/echo` | GET | WebSocket that echoes every message (conformance testing) |
 //! | `/api/publish/{channel}` | POST | publish the body to a channel |
 //! | `/api/send/{client_id}` | POST | send the body to every connection of a client |

@@ -38,34 +38,33 @@ pub fn websocket(
     endpoint: Endpoint,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::validate(req.method(), req.version(), req.headers())?;
-    let session = match endpoint {
-        Endpoint::Notify => {
-            let query = req.uri().query().unwrap_or("");
-            let mut session = parse_query(query, &state.config)?;
-            if let Some(verifier) = &state.verifier {
-                authenticate(&mut session, verifier, req.headers(), query)?;
-            }
-            session
-        }
-        Endpoint::Echo => {
-            let mut session = Session {
-                client_id: Arc::from(random_client_id()),
-                format: Format::Echo,
-                channels: Vec::new(),
-                auth: None,
-            };
-            // With auth on, nobody holds a connection without a token, echo included.
-            if let Some(verifier) = &state.verifier {
-                authenticate(
-                    &mut session,
-                    verifier,
-                    req.headers(),
-                    req.uri().query().unwrap_or(""),
-                )?;
-            }
-            session
-        }
+    let query = req.uri().query().unwrap_or("");
+    // With auth on, the token is checked first (a client without one learns that, not what
+    // else is wrong), and nobody holds a connection without one, echo included.
+    let auth = match &state.verifier {
+        Some(verifier) => Some(authenticate(verifier, req.headers(), query)?),
+        None => None,
     };
+    let mut session = match endpoint {
+        Endpoint::Notify => parse_query(query, &state.config)?,
+        Endpoint::Echo => Session {
+            client_id: Arc::from(random_client_id()),
+            format: Format::Echo,
+            channels: Vec::new(),
+            auth: None,
+        },
+    };
+    if let Some(auth) = auth {
+        if let Some(forbidden) = session
+            .channels
+            .iter()
+            .find(|channel| !auth.grant.subscribe.matches(channel))
+        {
+            return Err(HttpError::ChannelForbidden(forbidden.clone()));
+        }
+        session.client_id = Arc::clone(&auth.grant.subject);
+        session.auth = Some(auth);
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
     let registry = state.registry.clone();
@@ -158,33 +157,22 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
     })
 }
 
-/// Verifies the client's token (`Authorization: Bearer` first, then `?token=`), makes its
-/// `sub` the client id, and checks the channels asked for on connect against its grant. Runs
-/// before the upgrade, so a refused client costs no registry entry.
+/// Verifies the client's token (`Authorization: Bearer` first, then `?token=`). Runs before
+/// the upgrade, so a refused client costs no registry entry.
 fn authenticate(
-    session: &mut Session,
     verifier: &Arc<Verifier>,
     headers: &HeaderMap,
     query: &str,
-) -> Result<(), HttpError> {
+) -> Result<Box<ClientAuth>, HttpError> {
     let token = bearer_token(headers)
         .map(str::to_owned)
         .or_else(|| query_token(query))
         .ok_or(HttpError::Token(AuthError::Missing))?;
     let grant = verifier.verify(&token).map_err(HttpError::Token)?;
-    if let Some(forbidden) = session
-        .channels
-        .iter()
-        .find(|channel| !grant.subscribe.matches(channel))
-    {
-        return Err(HttpError::ChannelForbidden(forbidden.clone()));
-    }
-    session.client_id = Arc::clone(&grant.subject);
-    session.auth = Some(Box::new(ClientAuth {
+    Ok(Box::new(ClientAuth {
         verifier: Arc::clone(verifier),
         grant,
-    }));
-    Ok(())
+    }))
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if there is one.
