@@ -48,6 +48,12 @@ pub struct Config {
     /// Browser origins allowed to open WebSockets (`*` for any). Default empty: only pages
     /// served from the same host as the request (and clients that send no `Origin`).
     pub allowed_origins: Vec<String>,
+    /// The Redis URL (`redis://host:port/`) of the cluster backplane. Default none: the
+    /// embedded in-memory broker, one node.
+    pub redis: Option<String>,
+    /// The longest any one Redis call (connect, publish, subscribe, ping) may take before it
+    /// counts as failed. Default 2 s: an unreachable Redis never holds a publisher longer.
+    pub redis_timeout: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +71,8 @@ impl Default for Config {
             client_publish_rate: 50,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
+            redis: None,
+            redis_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -78,6 +86,9 @@ pub enum ConfigError {
     /// A duration that must be positive was zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
+    /// The Redis URL cannot be parsed.
+    #[error("invalid redis URL: {0}")]
+    RedisUrl(String),
     /// An API key is the empty string, which would let anyone in.
     #[error("an api-key must not be empty")]
     EmptyApiKey,
@@ -165,6 +176,18 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::redis`].
+    pub fn redis(mut self, url: Option<String>) -> Self {
+        self.redis = url;
+        self
+    }
+
+    /// Sets [`Config::redis_timeout`].
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
+        self
+    }
+
     /// Checks that the values make a server that can run.
     ///
     /// # Errors
@@ -185,10 +208,15 @@ impl Config {
             ("handshake-timeout", self.handshake_timeout),
             ("ping-interval", self.ping_interval),
             ("idle-timeout", self.idle_timeout),
+            ("redis-timeout", self.redis_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if let Some(url) = &self.redis {
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|err| ConfigError::RedisUrl(err.to_string()))?;
         }
         if self.api_keys.iter().any(String::is_empty) {
             return Err(ConfigError::EmptyApiKey);

@@ -57,6 +57,13 @@ struct Cli {
     /// pages from the same host, and clients that send no Origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Redis URL (redis://host:port/): cluster mode, channels shared with every node on the
+    /// same Redis. Without it, the embedded in-memory broker.
+    #[arg(long, env = "HERALD_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// The longest one Redis call may take before it counts as failed.
+    #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    redis_timeout: Duration,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -79,6 +86,8 @@ impl Cli {
             .client_publish_rate(self.client_publish_rate)
             .api_keys(self.api_keys.clone())
             .allowed_origins(self.allowed_origins.clone())
+            .redis(self.redis.clone())
+            .redis_timeout(self.redis_timeout)
     }
 }
 

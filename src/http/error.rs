@@ -2,9 +2,12 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE};
+use hyper::header::{
+    ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+};
 use hyper::{Response, StatusCode};
 
+use crate::broker::BrokerError;
 use crate::name::NameError;
 use crate::ws::handshake::HandshakeError;
 
@@ -72,6 +75,18 @@ pub enum HttpError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// Cluster mode, and Redis is down: the message would go nowhere.
+    #[error("{0}")]
+    BrokerUnavailable(String),
+}
+
+impl From<BrokerError> for HttpError {
+    fn from(err: BrokerError) -> Self {
+        match err {
+            BrokerError::ShuttingDown => HttpError::ShuttingDown,
+            BrokerError::Unavailable(_) => HttpError::BrokerUnavailable(err.to_string()),
+        }
+    }
 }
 
 /// The longest request target (path and query) answered; longer ones get `414`.
@@ -95,7 +110,9 @@ impl HttpError {
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
             HttpError::PublisherNotLocal | HttpError::OriginNotAllowed => StatusCode::FORBIDDEN,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::ShuttingDown | HttpError::BrokerUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HttpError::Handshake(_)
             | HttpError::InvalidQuery(_)
             | HttpError::InvalidChannel(_)
@@ -130,6 +147,7 @@ impl HttpError {
             HttpError::OriginNotAllowed => "origin_not_allowed",
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
+            HttpError::BrokerUnavailable(_) => "broker_unavailable",
         }
     }
 
@@ -150,6 +168,9 @@ impl HttpError {
             }
             HttpError::Unauthorized => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            HttpError::BrokerUnavailable(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
