@@ -323,7 +323,9 @@ impl Subscriber {
                 () = self.interest.changed() => self.follow_interest(&sink).await,
                 _ = ping.tick() => {
                     match tokio::time::timeout(self.timeout, sink.ping::<redis::Value>()).await {
-                        Ok(Ok(_)) => Ok(()),
+                        // Also a backstop for a wake-up lost in a race: marks never wait
+                        // longer than one ping.
+                        Ok(Ok(_)) => self.follow_interest(&sink).await,
                         Ok(Err(err)) => Err(format!("redis ping failed: {err}")),
                         Err(_) => Err("redis did not answer a ping in time".to_owned()),
                     }
