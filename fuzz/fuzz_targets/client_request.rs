@@ -190,7 +190,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
     }
 
-    let reply = text_frame_json(&published_frame(id, &channel_for_reply, offset, "subscribers", u64::MAX));
+    let reply = text_frame_json(&published_frame(
+        id,
+        &channel_for_reply,
+        offset,
+        "subscribers",
+        u64::MAX,
+    ));
     id_matches(&reply);
     check_frame_depth(&reply, "published reply");
     assert_eq!(reply.keys().len(), 4 + n_id);
