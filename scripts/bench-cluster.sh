@@ -105,6 +105,8 @@ out, runs, subs, size, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], sy
 rows = {}
 for kind in ("single", "cluster"):
     results = [json.load(open(f"{out}/{kind}-{run}.json")) for run in range(1, runs + 1)]
+    each = ", ".join(f"{r['deliveries_per_s']/1e6:.2f}M/s p99 {r['latency_ms']['p99']:.1f} ms" for r in results)
+    print(f"{kind} runs: {each}")
     rows[kind] = (
         statistics.median(r["deliveries_per_s"] for r in results),
         statistics.median(r["latency_ms"]["p99"] for r in results),
