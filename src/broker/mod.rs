@@ -113,11 +113,6 @@ impl Broker {
         &self.registry
     }
 
-    /// Whether this node is part of a cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.backplane.is_some()
-    }
-
     /// `Ok` when the node can take publishes: always in local mode, while subscribed in Redis
     /// in cluster mode.
     ///
