@@ -354,5 +354,4 @@ async fn redis_dying_mid_stream_is_refused_announced_and_recovered() {
     );
     assert!(metric(&b, "herald_broker_reconnects_total").await >= 1);
     assert!(metric(&b, "herald_broker_gaps_announced_total").await >= 2);
-    assert!(metric(&a, "herald_broker_publish_failures_total").await <= 3);
 }
