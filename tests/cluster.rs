@@ -44,7 +44,7 @@ async fn wait_ready(servers: &[&TestServer]) {
 async fn wait_numsub(redis: &RedisServer, name: &str, nodes: u64) {
     eventually(
         &format!("{nodes} node(s) subscribe to {name}"),
-        async || redis.numsub(name) == nodes,
+        async || redis.numsub(name) == Some(nodes),
     )
     .await;
 }
@@ -223,7 +223,7 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     send_json(&mut first, json!({"type":"subscribe","channel":"marker"})).await;
     recv_json(&mut first).await;
     wait_numsub(&redis, "herald:ch:marker", 1).await;
-    assert_eq!(redis.numsub("herald:ch:temp"), 1);
+    assert_eq!(redis.numsub("herald:ch:temp"), Some(1));
 
     // The last one leaves by unsubscribing, the marker's by disconnecting.
     send_json(&mut second, json!({"type":"unsubscribe","channel":"temp"})).await;
@@ -354,4 +354,32 @@ async fn redis_dying_mid_stream_is_refused_announced_and_recovered() {
     );
     assert!(metric(&b, "herald_broker_reconnects_total").await >= 1);
     assert!(metric(&b, "herald_broker_gaps_announced_total").await >= 2);
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_never_holds_a_publisher() {
+    let Some(redis) = RedisServer::start("cluster redis paused") else {
+        return;
+    };
+    let config = Config::default()
+        .redis(Some(redis.url()))
+        .redis_timeout(Duration::from_millis(300));
+    let a = TestServer::start(config).await;
+    wait_ready(&[&a]).await;
+    let (mut subscriber, _) = a.connect_json("channels=news").await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+
+    // Redis holds every client's commands for 3 s: the publish fails after the 300 ms timeout
+    // (or at once, once the node has noticed), with 503, not after Redis wakes up.
+    let paused = redis.command(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    assert!(paused.is_some_and(|reply| reply.starts_with("+OK")));
+    let reply = a.http().await.post_json("/api/publish/news", "1").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "broker_unavailable");
+
+    wait_ready(&[&a]).await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    let reply = a.http().await.post_json("/api/publish/news", "2").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(recv_message(&mut subscriber).await["data"], 2);
 }

@@ -152,17 +152,14 @@ impl RedisServer {
             .collect()
     }
 
-    /// `PUBSUB NUMSUB <channel>`: how many connections (nodes) subscribe to it.
-    pub fn numsub(&self, channel: &str) -> u64 {
-        let reply = self
-            .command(&["PUBSUB", "NUMSUB", channel])
-            .expect("redis answers");
-        reply
+    /// `PUBSUB NUMSUB <channel>`: how many connections (nodes) subscribe to it; `None` when
+    /// Redis does not answer (it is paused, say).
+    pub fn numsub(&self, channel: &str) -> Option<u64> {
+        self.command(&["PUBSUB", "NUMSUB", channel])?
             .split("\r\n")
             .filter_map(|line| line.strip_prefix(':'))
             .last()
             .and_then(|count| count.parse().ok())
-            .expect("NUMSUB count")
     }
 }
 
