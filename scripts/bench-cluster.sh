@@ -7,7 +7,8 @@
 # herald-bench --timeout). Servers (Herald and redis-server) are pinned to CPU 0 and the load
 # generator to CPU 1 when the machine has two CPUs, so the cluster gets the same server CPU as
 # the single node. Prints the median deliveries/s and p99 over RUNS runs. Every process started
-# here is stopped by its PID.
+# here is stopped by its PID. Exits non-zero if any message was lost or duplicated (CI runs it
+# briefly as a smoke test).
 #
 #   scripts/bench-cluster.sh                 SUBSCRIBERS=2000 SIZE=64 DURATION=5s RUNS=3
 set -euo pipefail
@@ -120,4 +121,6 @@ for kind, label in (("single", "1 node (in-memory broker)"), ("cluster", "2 node
     rate, p99, lost, dup = rows[kind]
     print(f"| {label} | {rate/1e6:.2f}M/s | {p99:.1f} | {lost} | {dup} |")
 print(f"cluster / single: deliveries/s {rows['cluster'][0]/rows['single'][0]:.2f}, p99 {rows['cluster'][1]/rows['single'][1]:.2f}")
+if any(row[2] or row[3] for row in rows.values()):
+    sys.exit("FAIL: messages were lost or duplicated")
 PY
