@@ -61,9 +61,16 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// When set, tokens' `aud` must include this.
     pub jwt_audience: Option<String>,
+    /// The Redis URL (`redis://host:port/`) of the cluster backplane. Default none: the
+    /// embedded in-memory broker, one node.
+    pub redis: Option<String>,
+    /// The longest any one Redis call (connect, publish, subscribe, ping) may take before it
+    /// counts as failed. Default 2 s: an unreachable Redis never holds a publisher longer.
+    pub redis_timeout: Duration,
 }
 
-/// Secrets (API keys, the JWT secret) are left out, so that a logged configuration leaks none.
+/// Secrets (API keys, the JWT secret, the Redis URL) are left out, so that a logged
+/// configuration leaks none.
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
@@ -90,6 +97,9 @@ impl fmt::Debug for Config {
             .field("jwt_leeway", &self.jwt_leeway)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
+            // The URL may carry a password.
+            .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
+            .field("redis_timeout", &self.redis_timeout)
             .finish()
     }
 }
@@ -114,6 +124,8 @@ impl Default for Config {
             jwt_leeway: Duration::ZERO,
             jwt_issuer: None,
             jwt_audience: None,
+            redis: None,
+            redis_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -127,6 +139,9 @@ pub enum ConfigError {
     /// A duration that must be positive was zero.
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
+    /// The Redis URL cannot be parsed.
+    #[error("invalid redis URL: {0}")]
+    RedisUrl(String),
     /// An API key is the empty string, which would let anyone in.
     #[error("an api-key must not be empty")]
     EmptyApiKey,
@@ -247,6 +262,18 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::redis`].
+    pub fn redis(mut self, url: Option<String>) -> Self {
+        self.redis = url;
+        self
+    }
+
+    /// Sets [`Config::redis_timeout`].
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
+        self
+    }
+
     /// Checks that the values make a server that can run.
     ///
     /// # Errors
@@ -267,10 +294,15 @@ impl Config {
             ("handshake-timeout", self.handshake_timeout),
             ("ping-interval", self.ping_interval),
             ("idle-timeout", self.idle_timeout),
+            ("redis-timeout", self.redis_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if let Some(url) = &self.redis {
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|err| ConfigError::RedisUrl(err.to_string()))?;
         }
         if self.api_keys.iter().any(String::is_empty) {
             return Err(ConfigError::EmptyApiKey);

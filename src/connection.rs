@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, ClientAuth};
+use crate::broker::{Broker, BrokerError};
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::rate::{RateLimit, Verdict};
@@ -56,11 +57,12 @@ pub struct Session {
 pub fn spawn(
     stream: TcpStream,
     leftover: &[u8],
-    registry: &Registry,
+    broker: &Broker,
     max_message_bytes: usize,
     session: Session,
     permit: Option<OwnedSemaphorePermit>,
 ) {
+    let registry = broker.registry();
     let stream = Arc::new(stream);
     let registration = registry.register(
         Arc::clone(&session.client_id),
@@ -85,6 +87,7 @@ pub fn spawn(
     let conn = Connection {
         stream,
         registry: registry.clone(),
+        broker: broker.clone(),
         id: registration.id,
         outbox: registration.outbox,
         client_id: session.client_id,
@@ -159,6 +162,8 @@ struct Connection {
     /// Shared with the outbox, which writes to it (from the shard writer, or from here).
     stream: Arc<TcpStream>,
     registry: Registry,
+    /// Where the client's publishes and sends go.
+    broker: Broker,
     id: ConnId,
     outbox: Arc<Outbox>,
     client_id: Arc<str>,
@@ -423,25 +428,36 @@ impl Connection {
             Request::Publish { channel, data } => {
                 let payload = Payload::Json(data.as_bytes());
                 match self
-                    .registry
+                    .broker
                     .publish(&channel, Some(&self.client_id), payload)
                     .await
                 {
-                    Ok(receipt) => {
-                        protocol::published_frame(id, &channel, receipt.offset, receipt.subscribers)
-                    }
-                    Err(err) => protocol::error_frame(id, "unavailable", &err.to_string()),
+                    Ok(published) => protocol::published_frame(
+                        id,
+                        &channel,
+                        published.offset,
+                        published.reach.field("subscribers"),
+                        published.reach.count(),
+                    ),
+                    Err(err) => broker_error_frame(id, &err),
                 }
             }
             Request::Send { to, data } => {
                 let payload = Payload::Json(data.as_bytes());
-                match self.registry.send_to(&to, Some(&self.client_id), payload) {
-                    0 => protocol::error_frame(
+                match self
+                    .broker
+                    .send_to(&to, Some(&self.client_id), payload)
+                    .await
+                {
+                    Ok(reach) if reach.count() == 0 => protocol::error_frame(
                         id,
                         "client_not_found",
                         "no connection has that client id",
                     ),
-                    reached => protocol::sent_frame(id, &to, reached),
+                    Ok(reach) => {
+                        protocol::sent_frame(id, &to, reach.field("connections"), reach.count())
+                    }
+                    Err(err) => broker_error_frame(id, &err),
                 }
             }
             Request::Refresh { token } => self.refresh(id, &token),
@@ -582,6 +598,16 @@ impl Connection {
     }
 }
 
+/// The error frame for a publish or send the broker refused: `broker_unavailable` while Redis
+/// is down (the connection stays open), `unavailable` when the server is shutting down.
+fn broker_error_frame(id: Option<&serde_json::value::RawValue>, err: &BrokerError) -> Bytes {
+    let code = match err {
+        BrokerError::Unavailable(_) => "broker_unavailable",
+        BrokerError::ShuttingDown => "unavailable",
+    };
+    protocol::error_frame(id, code, &err.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +628,7 @@ mod tests {
         let conn = Connection {
             stream: client,
             registry: registry.clone(),
+            broker: Broker::local(registry.clone()),
             id: registration.id,
             outbox: registration.outbox,
             client_id: Arc::from("a"),

@@ -9,6 +9,7 @@
 //! - [`http`]: routing, the publish API and the WebSocket upgrade (hyper stops here).
 //! - [`connection`]: one WebSocket connection's read loop and vectored write path.
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
+//! - [`broker`]: where messages go: the in-memory broker, or Redis in cluster mode.
 //! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
 //! - [`auth`]: JWT verification for clients and the channel patterns a token grants.
@@ -18,6 +19,7 @@
 //! - [`config`]: every limit, with its default and the reason for it.
 
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -116,6 +116,13 @@ struct ServeArgs {
     /// pages from the same host, and clients that send no Origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Redis URL (redis://host:port/): cluster mode, channels shared with every node on the
+    /// same Redis. Without it, the embedded in-memory broker.
+    #[arg(long, env = "HERALD_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// The longest one Redis call may take before it counts as failed.
+    #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    redis_timeout: Duration,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -164,7 +171,9 @@ impl ServeArgs {
             .jwt_public_key(public_key)
             .jwt_leeway(self.jwt_leeway)
             .jwt_issuer(self.jwt_issuer.clone())
-            .jwt_audience(self.jwt_audience.clone()))
+            .jwt_audience(self.jwt_audience.clone())
+            .redis(self.redis.clone())
+            .redis_timeout(self.redis_timeout))
     }
 }
 

@@ -83,6 +83,15 @@ pub struct Metrics {
     pub bytes_received: IntCounter,
     /// WebSocket bytes written to clients.
     pub bytes_sent: IntCounter,
+    /// Cluster mode: times the Redis subscriber connection was back after being lost (or after
+    /// Redis was down at start).
+    pub broker_reconnects: IntCounter,
+    /// Cluster mode: gap announcements made, one per channel subscribed again after a
+    /// reconnect (each reaches every json subscriber of that channel on this node).
+    pub broker_gaps: IntCounter,
+    /// Cluster mode: publishes, sends and broadcasts refused because Redis failed or did not
+    /// answer in time (not counting those refused at once while the node was not ready).
+    pub broker_publish_failures: IntCounter,
 }
 
 impl Default for Metrics {
@@ -169,6 +178,18 @@ impl Metrics {
             bytes_sent: counter(
                 "herald_websocket_sent_bytes_total",
                 "WebSocket bytes written",
+            ),
+            broker_reconnects: counter(
+                "herald_broker_reconnects_total",
+                "Times the Redis subscriber connection came back after being lost or down",
+            ),
+            broker_gaps: counter(
+                "herald_broker_gaps_announced_total",
+                "Channels whose subscribers were told messages may be missing, after a reconnect",
+            ),
+            broker_publish_failures: counter(
+                "herald_broker_publish_failures_total",
+                "Publishes, sends and broadcasts that failed because Redis failed or timed out",
             ),
             registry,
         }

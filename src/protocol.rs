@@ -374,6 +374,16 @@ pub fn broadcast_frame(payload: Payload<'_>) -> Bytes {
     frame.finish()
 }
 
+/// `{"type":"gap","channel":…}`: messages of the channel may have been missed (the cluster
+/// backplane lost its connection to Redis and has subscribed again).
+pub fn gap_frame(channel: &str) -> Bytes {
+    let mut frame = TextFrame::with_capacity(32 + channel.len());
+    frame
+        .push_str(r#"{"type":"gap","channel":"#)
+        .push_json_string(channel);
+    frame.finish()
+}
+
 /// `{"type":"welcome","client_id":…}`: the first frame on a json connection.
 pub fn welcome_frame(client_id: &str) -> Bytes {
     let mut frame = TextFrame::with_capacity(48 + client_id.len());
@@ -401,11 +411,13 @@ pub fn subscription_frame(subscribed: bool, id: Option<&RawValue>, channel: &str
     frame.finish()
 }
 
-/// `{"type":"published","id":…,"channel":…,"offset":…,"subscribers":…}`: the reply to a publish.
+/// `{"type":"published","id":…,"channel":…,"offset":…,"subscribers":…}`: the reply to a publish
+/// (`"nodes"` instead of `"subscribers"` in cluster mode: `reach_field` names the count).
 pub fn published_frame(
     id: Option<&RawValue>,
     channel: &str,
     offset: u64,
+    reach_field: &str,
     subscribers: u64,
 ) -> Bytes {
     let mut frame = TextFrame::with_capacity(80 + channel.len());
@@ -416,20 +428,25 @@ pub fn published_frame(
         .push_json_string(channel)
         .push_str(r#","offset":"#)
         .push_u64(offset)
-        .push_str(r#","subscribers":"#)
+        .push_str(",\"")
+        .push_str(reach_field)
+        .push_str("\":")
         .push_u64(subscribers);
     frame.finish()
 }
 
-/// `{"type":"sent","id":…,"to":…,"connections":…}`: the reply to a direct send.
-pub fn sent_frame(id: Option<&RawValue>, to: &str, connections: u64) -> Bytes {
+/// `{"type":"sent","id":…,"to":…,"connections":…}`: the reply to a direct send (`"nodes"`
+/// instead of `"connections"` in cluster mode: `reach_field` names the count).
+pub fn sent_frame(id: Option<&RawValue>, to: &str, reach_field: &str, connections: u64) -> Bytes {
     let mut frame = TextFrame::with_capacity(64 + to.len());
     frame
         .push_str(r#"{"type":"sent""#)
         .push_id(id)
         .push_str(r#","to":"#)
         .push_json_string(to)
-        .push_str(r#","connections":"#)
+        .push_str(",\"")
+        .push_str(reach_field)
+        .push_str("\":")
         .push_u64(connections);
     frame.finish()
 }

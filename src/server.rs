@@ -19,10 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::auth::Verifier;
+use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::error::Result;
 use crate::http::{self, AppState};
-use crate::registry::{CloseReason, Registry};
+use crate::registry::CloseReason;
 
 /// Hyper's read buffer limit for a request head. Hyper checks it between reads, so a head that
 /// arrives in one piece may run somewhat past it before hyper answers with an empty `431`
@@ -57,11 +58,13 @@ pub async fn run(
     if config.api_keys.is_empty() {
         tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
     }
-    let registry = Registry::new(&config);
+    let broker = Broker::start(&config)?;
+    let registry = broker.registry().clone();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
     let state = Arc::new(AppState {
         registry: registry.clone(),
+        broker,
         config,
         verifier,
     });

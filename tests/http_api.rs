@@ -184,3 +184,13 @@ async fn oversized_request_heads_are_refused() {
     let mut http = server.http().await;
     assert_eq!(http.get("/healthz").await.status, 200, "still serving");
 }
+
+#[tokio::test]
+async fn readyz_is_always_ready_without_redis() {
+    let server = TestServer::default().await;
+    let mut http = server.http().await;
+    let reply = http.get("/readyz").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json(), serde_json::json!({"status":"ready"}));
+    assert_eq!(http.request("POST", "/readyz", &[], b"").await.status, 405);
+}

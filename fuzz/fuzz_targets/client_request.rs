@@ -194,7 +194,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
     }
 
-    let reply = text_frame_json(&published_frame(id, &channel_for_reply, offset, u64::MAX));
+    let reply = text_frame_json(&published_frame(
+        id,
+        &channel_for_reply,
+        offset,
+        "subscribers",
+        u64::MAX,
+    ));
     id_matches(&reply);
     check_frame_depth(&reply, "published reply");
     assert_eq!(reply.keys().len(), 4 + n_id);
@@ -203,7 +209,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(reply.get("offset"), Some(&Json::num(offset)));
     assert_eq!(reply.get("subscribers"), Some(&Json::num(u64::MAX)));
 
-    let reply = text_frame_json(&sent_frame(id, &channel_for_reply, 3));
+    let reply = text_frame_json(&sent_frame(id, &channel_for_reply, "connections", 3));
     id_matches(&reply);
     check_frame_depth(&reply, "sent reply");
     assert_eq!(reply.keys().len(), 3 + n_id);

@@ -235,8 +235,35 @@ def token_seeds():
     write("token", "raw_empty_parts", b"\x00..")
 
 
+def wire_body(kind, sender, payload):
+    """A cluster wire body: version 1, payload kind, sender length, sender, payload."""
+    return bytes([1, kind, len(sender)]) + sender + payload
+
+
+def broker_wire_seeds():
+    body = wire_body
+    seeds = {
+        "channel_json": b"\x01" + b"42:" + body(0, b"", b'{"a":[1,2]}'),
+        "channel_text_from": b"\x01" + b"7:" + body(1, b"alice", b"hi: there"),
+        "channel_binary": b"\x01" + b"18446744073709551615:" + body(2, b"", b"\x00\xff:\x01"),
+        "direct_json_from": b"\x00" + body(0, b"bob", b'"psst"'),
+        "broadcast_binary": b"\x00" + body(2, b"", b""),
+        "leading_zero_offset": b"\x01" + b"007:" + body(1, b"", b"x"),
+        "offset_overflow": b"\x01" + b"18446744073709551616:" + body(1, b"", b"x"),
+        "bad_version": b"\x00" + bytes([9, 0, 0]) + b"1",
+        "from_too_long": b"\x00" + bytes([1, 1, 200]) + b"a" * 10,
+        "invalid_json": b"\x00" + body(0, b"", b'{"a":'),
+        "deep_json": b"\x00" + body(0, b"", b"[" * 130 + b"]" * 130),
+        "build_json": bytes([0b0001]) + b"\x01" + bytes(7) + b'{"k":"v"}',
+        "build_text_from": bytes([0b1011]) + b"\x05" + bytes(7) + "h\u00e9llo".encode(),
+        "build_binary": bytes([0b0100]) + b"\xff\xfe\x00",
+    }
+    for name, data in seeds.items():
+        write("broker_wire", name, data)
+
+
 if __name__ == "__main__":
-    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token"]:
+    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token", "broker_wire"]:
         shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
     ws_seeds()
     handshake_seeds()
@@ -244,3 +271,4 @@ if __name__ == "__main__":
     publish_body_seeds()
     mask_seeds()
     token_seeds()
+    broker_wire_seeds()

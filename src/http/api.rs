@@ -26,15 +26,10 @@ pub async fn publish(
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
-    let receipt = state
-        .registry
-        .publish(&channel, None, payload)
-        .await
-        .map_err(|_| HttpError::ShuttingDown)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"channel": channel, "offset": receipt.offset, "subscribers": receipt.subscribers}),
-    ))
+    let published = state.broker.publish(&channel, None, payload).await?;
+    let mut reply = json!({"channel": channel, "offset": published.offset});
+    reply[published.reach.field("subscribers")] = published.reach.count().into();
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 /// `POST /api/send/{client_id}`.
@@ -48,13 +43,13 @@ pub async fn send(
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
-    match state.registry.send_to(&client_id, None, payload) {
-        0 => Err(HttpError::ClientNotFound(client_id.into_owned())),
-        reached => Ok(json_response(
-            StatusCode::OK,
-            &json!({"client_id": client_id, "connections": reached}),
-        )),
+    let reach = state.broker.send_to(&client_id, None, payload).await?;
+    if reach.count() == 0 {
+        return Err(HttpError::ClientNotFound(client_id.into_owned()));
     }
+    let mut reply = json!({"client_id": client_id});
+    reply[reach.field("connections")] = reach.count().into();
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 /// `POST /api/broadcast`.
@@ -65,15 +60,10 @@ pub async fn broadcast(
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)
         .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
-    let connections = state
-        .registry
-        .broadcast(payload)
-        .await
-        .map_err(|_| HttpError::ShuttingDown)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"connections": connections}),
-    ))
+    let reach = state.broker.broadcast(payload).await?;
+    let mut reply = json!({});
+    reply[reach.field("connections")] = reach.count().into();
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 /// `GET /api/channels`.

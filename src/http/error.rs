@@ -2,10 +2,13 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE};
+use hyper::header::{
+    ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+};
 use hyper::{Response, StatusCode};
 
 use crate::auth::AuthError;
+use crate::broker::BrokerError;
 use crate::name::NameError;
 use crate::ws::handshake::HandshakeError;
 
@@ -79,6 +82,18 @@ pub enum HttpError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// Cluster mode, and Redis is down: the message would go nowhere.
+    #[error("{0}")]
+    BrokerUnavailable(String),
+}
+
+impl From<BrokerError> for HttpError {
+    fn from(err: BrokerError) -> Self {
+        match err {
+            BrokerError::ShuttingDown => HttpError::ShuttingDown,
+            BrokerError::Unavailable(_) => HttpError::BrokerUnavailable(err.to_string()),
+        }
+    }
 }
 
 /// The longest request target (path and query) answered; longer ones get `414`.
@@ -104,7 +119,9 @@ impl HttpError {
             | HttpError::OriginNotAllowed
             | HttpError::ChannelForbidden(_) => StatusCode::FORBIDDEN,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::ShuttingDown | HttpError::BrokerUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HttpError::Handshake(_)
             | HttpError::InvalidQuery(_)
             | HttpError::InvalidChannel(_)
@@ -141,6 +158,7 @@ impl HttpError {
             HttpError::ChannelForbidden(_) => "forbidden",
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
+            HttpError::BrokerUnavailable(_) => "broker_unavailable",
         }
     }
 
@@ -167,6 +185,9 @@ impl HttpError {
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static(r#"Bearer error="invalid_token""#),
                 );
+            }
+            HttpError::BrokerUnavailable(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `/` | GET | the demo page |
 //! | `/healthz` | GET | `ok` while the server runs |
+//! | `/readyz` | GET | ready to take publishes (in cluster mode: subscribed in Redis) |
 //! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format`, `token` query) |
 //! | `/echo` | GET | WebSocket that echoes every message (conformance testing) |
 //! | `/api/publish/{channel}` | POST | publish the body to a channel |
@@ -34,6 +35,7 @@ use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::Verifier;
+use crate::broker::Broker;
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -46,6 +48,8 @@ pub use upgrade::parse_query;
 pub struct AppState {
     /// The connection registry.
     pub registry: Registry,
+    /// Where publishes go: the registry itself, or the Redis backplane in cluster mode.
+    pub broker: Broker,
     /// The server's configuration.
     pub config: Config,
     /// Checks client tokens; `None` when clients are anonymous (no `--jwt-*` key).
@@ -100,6 +104,14 @@ async fn route(
         "/healthz" => {
             allow(&Method::GET, "GET")?;
             Ok(text_response("text/plain; charset=utf-8", "ok"))
+        }
+        "/readyz" => {
+            allow(&Method::GET, "GET")?;
+            state.broker.readiness()?;
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ready"}),
+            ))
         }
         "/ws" => upgrade::websocket(req, state, slot, upgrade::Endpoint::Notify),
         "/echo" => upgrade::websocket(req, state, slot, upgrade::Endpoint::Echo),

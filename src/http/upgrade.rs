@@ -67,7 +67,7 @@ pub fn websocket(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
-    let registry = state.registry.clone();
+    let broker = state.broker.clone();
     let max_message_bytes = state.config.max_message_bytes;
     // This task only waits for the upgrade; the connection gets a task of its own, so that
     // nothing of this one stays alive for the connection's lifetime.
@@ -83,7 +83,7 @@ pub fn websocket(
             Ok(parts) => connection::spawn(
                 parts.io.into_inner(),
                 &parts.read_buf,
-                &registry,
+                &broker,
                 max_message_bytes,
                 session,
                 permit,

@@ -55,10 +55,12 @@ impl ChannelTable {
         self.stripes[stripe].lock()
     }
 
-    /// Adds (`delta` = 1) or removes (-1) one subscriber of `channel`.
-    pub fn count_subscriber(&self, channel: &Arc<str>, raw: bool, delta: i64, now_ms: u64) {
+    /// Adds (`delta` = 1) or removes (-1) one subscriber of `channel`; returns whether the
+    /// channel gained its first subscriber or lost its last.
+    pub fn count_subscriber(&self, channel: &Arc<str>, raw: bool, delta: i64, now_ms: u64) -> bool {
         let mut stripe = self.lock(channel);
         let state = stripe.entry(Arc::clone(channel)).or_default();
+        let before = state.subscribers;
         state.subscribers = state.subscribers.saturating_add_signed(delta);
         if raw {
             state.raw_subscribers = state.raw_subscribers.saturating_add_signed(delta);
@@ -66,6 +68,16 @@ impl ChannelTable {
         if delta < 0 {
             state.touched_ms = now_ms;
         }
+        (before == 0) != (state.subscribers == 0)
+    }
+
+    /// Whether `channel` has at least one subscriber, and whether one of them is raw.
+    pub fn subscribed(&self, channel: &str) -> (bool, bool) {
+        self.lock(channel)
+            .get(channel)
+            .map_or((false, false), |state| {
+                (state.subscribers > 0, state.raw_subscribers > 0)
+            })
     }
 
     /// Every channel with at least one subscriber, with its subscriber count, sorted by name.

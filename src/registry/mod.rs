@@ -6,6 +6,7 @@
 //! shard's writer, which pushes it into the bounded outbox of every subscriber on that shard.
 
 mod channels;
+mod interest;
 pub mod outbox;
 mod shard;
 
@@ -23,6 +24,7 @@ use crate::protocol::{self, Payload};
 use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
+pub use interest::{Interest, Topic};
 pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
 use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
 
@@ -135,6 +137,9 @@ struct Inner {
     tasks: AtomicUsize,
     /// Notified when `tasks` drops to zero.
     drained: Notify,
+    /// In cluster mode, where channels and client ids gaining their first or losing their last
+    /// local subscriber are marked for the backplane.
+    interest: Option<Arc<Interest>>,
 }
 
 /// The shared handle to the registry; cheap to clone.
@@ -155,6 +160,19 @@ impl Registry {
     /// # Panics
     /// When called outside a tokio runtime.
     pub fn new(config: &Config) -> Self {
+        Self::build(config, None)
+    }
+
+    /// A registry for cluster mode: like [`Registry::new`], and it marks in `interest` every
+    /// channel and client id whose local subscribers or connections may have crossed zero.
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    pub fn with_interest(config: &Config, interest: Arc<Interest>) -> Self {
+        Self::build(config, Some(interest))
+    }
+
+    fn build(config: &Config, interest: Option<Arc<Interest>>) -> Self {
         let (shards, receivers): (Vec<_>, Vec<_>) =
             (0..config.shards).map(|_| Shard::new()).unzip();
         let inner = Arc::new(Inner {
@@ -173,6 +191,7 @@ impl Registry {
             live: AtomicUsize::new(0),
             tasks: AtomicUsize::new(0),
             drained: Notify::new(),
+            interest,
         });
         let tick = (config.ping_interval.min(config.idle_timeout) / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -223,10 +242,12 @@ impl Registry {
             expires_ms: u64::MAX,
         });
         let key = u32::try_from(key).expect("fewer than 2^32 connections per shard");
-        if format != Format::Echo {
-            ShardState::index_add(&mut state.clients, &client_id, key);
-        }
+        let new_client =
+            format != Format::Echo && ShardState::index_add(&mut state.clients, &client_id, key);
         drop(state);
+        if new_client {
+            self.mark(|| Topic::Client(Arc::clone(&client_id)));
+        }
         inner.live.fetch_add(1, Ordering::Relaxed);
         inner.metrics.connections_opened.inc();
         Registration {
@@ -270,11 +291,18 @@ impl Registry {
             let entry = state.conns.remove(key as usize);
             for channel in &entry.subscriptions {
                 ShardState::index_remove(&mut state.channels, channel, key);
-                self.inner
-                    .channels
-                    .count_subscriber(channel, entry.format == Format::Raw, -1, now);
+                if self.inner.channels.count_subscriber(
+                    channel,
+                    entry.format == Format::Raw,
+                    -1,
+                    now,
+                ) {
+                    self.mark(|| Topic::Channel(Arc::clone(channel)));
+                }
             }
-            ShardState::index_remove(&mut state.clients, &entry.client_id, key);
+            if ShardState::index_remove(&mut state.clients, &entry.client_id, key) {
+                self.mark(|| Topic::Client(Arc::clone(&entry.client_id)));
+            }
             entry.subscriptions.len()
         });
         if let Some(subscriptions) = removed {
@@ -309,7 +337,9 @@ impl Registry {
             entry.subscriptions.push(Arc::clone(&channel));
             let raw = entry.format == Format::Raw;
             ShardState::index_add(&mut state.channels, &channel, key);
-            self.inner.channels.count_subscriber(&channel, raw, 1, now);
+            if self.inner.channels.count_subscriber(&channel, raw, 1, now) {
+                self.mark(|| Topic::Channel(Arc::clone(&channel)));
+            }
             self.inner.metrics.subscriptions.inc();
             Ok(true)
         })
@@ -327,7 +357,9 @@ impl Registry {
             let channel = entry.subscriptions.swap_remove(at);
             let raw = entry.format == Format::Raw;
             ShardState::index_remove(&mut state.channels, &channel, key);
-            self.inner.channels.count_subscriber(&channel, raw, -1, now);
+            if self.inner.channels.count_subscriber(&channel, raw, -1, now) {
+                self.mark(|| Topic::Channel(Arc::clone(&channel)));
+            }
             self.inner.metrics.subscriptions.dec();
             true
         })
@@ -393,6 +425,84 @@ impl Registry {
         };
         inner.metrics.publishes.inc();
         Ok(receipt)
+    }
+
+    /// Delivers a message that already has its `offset` (given by the cluster backplane) to
+    /// this node's subscribers of `channel`. Calls must come in offset order, one at a time:
+    /// the order of the calls is the order on every connection.
+    ///
+    /// # Errors
+    /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
+    pub async fn deliver(
+        &self,
+        channel: &str,
+        offset: u64,
+        from: Option<&str>,
+        payload: Payload<'_>,
+    ) -> Result<(), PublishError> {
+        let (subscribed, raw) = self.inner.channels.subscribed(channel);
+        if subscribed {
+            let raw = raw.then(|| raw_frame(payload));
+            let json = protocol::message_frame(channel, offset, from, payload);
+            self.deliver_to_channel(channel, json, raw).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells every json subscriber of `channel` on this node that messages may have been
+    /// missed (`{"type":"gap","channel":..}`): the cluster backplane lost its connection and
+    /// has subscribed again. Raw subscribers have no way to be told.
+    ///
+    /// # Errors
+    /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
+    pub async fn announce_gap(&self, channel: &str) -> Result<(), PublishError> {
+        self.deliver_to_channel(channel, protocol::gap_frame(channel), None)
+            .await
+    }
+
+    async fn deliver_to_channel(
+        &self,
+        channel: &str,
+        json: Bytes,
+        raw: Option<Bytes>,
+    ) -> Result<(), PublishError> {
+        let delivery = Arc::new(Delivery::new(Some(Arc::from(channel)), json, raw));
+        for shard in self.inner.shards.iter() {
+            shard
+                .tx
+                .send(Arc::clone(&delivery))
+                .await
+                .map_err(|_| PublishError::ShuttingDown)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `channel` has a subscriber on this node.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.inner.channels.subscribed(channel).0
+    }
+
+    /// Whether `client_id` has a connection on this node.
+    pub fn has_client(&self, client_id: &str) -> bool {
+        self.inner
+            .shards
+            .iter()
+            .any(|shard| shard.state.lock().clients.contains_key(client_id))
+    }
+
+    /// Every client id with a connection on this node.
+    pub fn client_ids(&self) -> Vec<Arc<str>> {
+        let mut ids = std::collections::HashSet::new();
+        for shard in self.inner.shards.iter() {
+            ids.extend(shard.state.lock().clients.keys().cloned());
+        }
+        ids.into_iter().collect()
+    }
+
+    fn mark(&self, topic: impl FnOnce() -> Topic) {
+        if let Some(interest) = &self.inner.interest {
+            interest.mark(topic());
+        }
     }
 
     /// Sends to every json and raw connection.

@@ -123,21 +123,28 @@ pub struct ShardState {
 }
 
 impl ShardState {
-    /// Adds `key` to the index under `name`.
-    pub fn index_add(index: &mut HashMap<Arc<str>, Keys>, name: &Arc<str>, key: u32) {
+    /// Adds `key` to the index under `name`; returns whether the name is new to the index.
+    pub fn index_add(index: &mut HashMap<Arc<str>, Keys>, name: &Arc<str>, key: u32) -> bool {
         match index.get_mut(&**name) {
-            Some(keys) => keys.push(key),
+            Some(keys) => {
+                keys.push(key);
+                false
+            }
             None => {
                 index.insert(Arc::clone(name), Keys::One(key));
+                true
             }
         }
     }
 
-    /// Removes `key` from the index under `name`, dropping the name once it has no keys.
-    pub fn index_remove(index: &mut HashMap<Arc<str>, Keys>, name: &str, key: u32) {
-        if index.get_mut(name).is_some_and(|keys| keys.remove(key)) {
+    /// Removes `key` from the index under `name`, dropping the name once it has no keys;
+    /// returns whether it was dropped.
+    pub fn index_remove(index: &mut HashMap<Arc<str>, Keys>, name: &str, key: u32) -> bool {
+        let emptied = index.get_mut(name).is_some_and(|keys| keys.remove(key));
+        if emptied {
             index.remove(name);
         }
+        emptied
     }
 
     /// The shard's own copy of a channel name, so that its subscribers share one allocation.

@@ -2,6 +2,8 @@
 //! (tokio-tungstenite), and a minimal keep-alive HTTP/1.1 client over a real socket.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

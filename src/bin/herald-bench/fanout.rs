@@ -29,9 +29,14 @@ use crate::{Common, Meter, spawn_worker};
 /// Options of `fanout`.
 #[derive(Debug, Args, Clone)]
 pub struct FanoutArgs {
-    /// Subscriber WebSocket URL (`{i}` is replaced by the subscriber's index).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws?channels=bench")]
-    pub sub_url: String,
+    /// Subscriber WebSocket URL (`{i}` is replaced by the subscriber's index). Repeat it to
+    /// spread the subscribers round-robin over several servers (the nodes of a cluster).
+    #[arg(
+        long,
+        alias = "subscribe-url",
+        default_value = "ws://127.0.0.1:8080/ws?channels=bench"
+    )]
+    pub sub_url: Vec<String>,
     /// Publish over HTTP POST to this URL (body = payload, content-type text/plain).
     #[arg(
         long,
@@ -115,7 +120,8 @@ enum Publish {
 /// Everything the threads share (read-mostly; counters are relaxed atomics).
 #[derive(Debug)]
 struct Shared {
-    sub_url: Url,
+    /// Subscriber `i` connects to `sub_urls[i % len]`.
+    sub_urls: Vec<Url>,
     publish: Publish,
     subscribers: usize,
     slow: usize,
@@ -241,7 +247,11 @@ fn run(args: FanoutArgs, slow: usize, slow_rcvbuf: u32, common: &Common) -> Resu
     let closed_loop = args.rate.is_none();
     let (phase, _) = watch::channel(CONNECT);
     let shared = Arc::new(Shared {
-        sub_url: Url::parse(&args.sub_url)?,
+        sub_urls: args
+            .sub_url
+            .iter()
+            .map(|url| Url::parse(url))
+            .collect::<Result<_, _>>()?,
         publish,
         subscribers: args.subscribers,
         slow,
@@ -647,7 +657,7 @@ async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) -> u8 {
 
 /// A subscriber that reads everything: counts, checks and times each `hb:` message.
 async fn subscriber(i: usize, shared: &Shared, local: &Local) {
-    let url = shared.sub_url.for_index(i);
+    let url = shared.sub_urls[i % shared.sub_urls.len()].for_index(i);
     let (stream, leftover) = match open_ws(&url, i, None, shared, local).await {
         Ok(v) => v,
         Err(e) => {
@@ -794,7 +804,7 @@ async fn subscriber(i: usize, shared: &Shared, local: &Local) {
 /// A subscriber that never reads (small receive buffer) until the run stops; then it drains
 /// its socket to learn whether the server dropped it (EOF, reset or a close frame).
 async fn slow_subscriber(i: usize, shared: &Shared, local: &Local) {
-    let url = shared.sub_url.for_index(i);
+    let url = shared.sub_urls[i % shared.sub_urls.len()].for_index(i);
     let (stream, _) = match open_ws(&url, i, Some(shared.slow_rcvbuf), shared, local).await {
         Ok(v) => v,
         Err(e) => {

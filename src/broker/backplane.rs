@@ -1,0 +1,468 @@
+//! The Redis side of cluster mode: one pipelined connection for publishing, one subscriber
+//! connection that follows what this node wants, and the reconnect loop around the latter.
+//!
+//! Names in Redis (see the README's cluster section):
+//! - `herald:ch:<channel>`: the pub/sub channel of a Herald channel;
+//! - `herald:offset:<channel>`: its offset counter, expiring [`OFFSET_TTL_MS`] after the last
+//!   publish;
+//! - `herald:client:<client_id>`: direct sends, subscribed by every node with a connection of
+//!   that client id;
+//! - `herald:broadcast`: broadcasts, subscribed by every node.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use parking_lot::Mutex;
+use rand::Rng as _;
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{AsyncConnectionConfig, Client, Msg, Script};
+use tokio::task::JoinHandle;
+
+use super::BrokerError;
+use super::wire;
+use crate::registry::{Interest, Registry, Topic};
+
+/// Prefix of the Redis pub/sub channel of each Herald channel.
+pub const CHANNEL_PREFIX: &str = "herald:ch:";
+/// Prefix of the Redis key holding each channel's offset counter.
+pub const OFFSET_PREFIX: &str = "herald:offset:";
+/// Prefix of the Redis pub/sub channel of each client id (direct sends).
+pub const CLIENT_PREFIX: &str = "herald:client:";
+/// The Redis pub/sub channel of broadcasts.
+pub const BROADCAST_CHANNEL: &str = "herald:broadcast";
+/// How long an offset counter outlives its channel's last publish: the local broker's channel
+/// retention, so that offsets continue for a subscriber that joins soon after.
+pub const OFFSET_TTL_MS: u64 = 5 * 60 * 1000;
+
+/// The first pause after a failed connection; it doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between two connection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the subscriber connection is pinged, to notice a Redis that stopped answering
+/// without closing the connection.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Subscribe commands in flight at once while (re)subscribing everything.
+const SUBSCRIBE_PIPELINE: usize = 256;
+
+/// Takes the channel's next offset and publishes the message with it, in one round trip and
+/// atomically, so every node sees offsets in the order Redis published them.
+/// KEYS[1] offset key; ARGV[1] pub/sub channel, ARGV[2] message body, ARGV[3] TTL in ms.
+const PUBLISH_SCRIPT: &str = r"
+local offset = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local nodes = redis.call('PUBLISH', ARGV[1], string.format('%d', offset) .. ':' .. ARGV[2])
+return {offset, nodes}
+";
+
+/// Whether the subscriber connection is up and subscribed, and why not.
+#[derive(Debug)]
+struct Health {
+    ready: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl Health {
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    fn set_down(&self, reason: String) {
+        *self.reason.lock() = reason;
+        self.ready.store(false, Ordering::Release);
+    }
+}
+
+/// The publisher connection, opened on first use and dropped on any failure.
+type PublisherSlot = Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>;
+
+/// The Redis backplane of one node.
+#[derive(Debug)]
+pub struct Backplane {
+    client: Client,
+    publisher: PublisherSlot,
+    script: Script,
+    timeout: Duration,
+    health: Arc<Health>,
+    registry: Registry,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for Backplane {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl Backplane {
+    /// Starts the subscriber task for `registry` (built with `interest`), which connects to
+    /// `client`'s Redis and keeps reconnecting. `timeout` bounds every Redis call.
+    pub fn start(
+        client: Client,
+        registry: Registry,
+        interest: Arc<Interest>,
+        timeout: Duration,
+    ) -> Self {
+        let health = Arc::new(Health {
+            ready: AtomicBool::new(false),
+            reason: Mutex::new("not connected to redis yet".to_owned()),
+        });
+        let publisher = PublisherSlot::default();
+        let subscriber = tokio::spawn(
+            Subscriber {
+                client: client.clone(),
+                registry: registry.clone(),
+                interest,
+                health: Arc::clone(&health),
+                publisher: Arc::clone(&publisher),
+                timeout,
+                subscribed: HashSet::new(),
+            }
+            .run(),
+        );
+        Self {
+            client,
+            publisher,
+            script: Script::new(PUBLISH_SCRIPT),
+            timeout,
+            health,
+            registry,
+            subscriber,
+        }
+    }
+
+    /// `Ok` while subscribed in Redis; otherwise why not.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] with the reason.
+    pub fn readiness(&self) -> Result<(), BrokerError> {
+        if self.health.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable(self.health.reason.lock().clone()))
+        }
+    }
+
+    /// Publishes `body` (see [`wire::encode_body`]) to `channel`; returns the offset Redis
+    /// gave it and how many nodes received it.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish(&self, channel: &str, body: Vec<u8>) -> Result<(u64, u64), BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let mut invocation = self.script.key(format!("{OFFSET_PREFIX}{channel}"));
+        invocation
+            .arg(format!("{CHANNEL_PREFIX}{channel}"))
+            .arg(body)
+            .arg(OFFSET_TTL_MS);
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
+        self.settle(result).await
+    }
+
+    /// Publishes `body` on a pub/sub channel as it is; returns how many nodes received it.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish_plain(
+        &self,
+        redis_channel: &str,
+        body: Vec<u8>,
+    ) -> Result<u64, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(redis_channel).arg(body);
+        let result = tokio::time::timeout(self.timeout, command.query_async(&mut conn)).await;
+        self.settle(result).await
+    }
+
+    /// Turns a Redis call's outcome into ours; a failure drops the publisher connection, so
+    /// the next publish opens a fresh one.
+    async fn settle<T>(
+        &self,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, BrokerError> {
+        let err = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("redis did not answer within {:?}", self.timeout),
+        };
+        self.registry.metrics().broker_publish_failures.inc();
+        *self.publisher.lock().await = None;
+        tracing::warn!(%err, "publish to redis failed");
+        Err(BrokerError::Unavailable(err))
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, BrokerError> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(conn) = &*slot {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(conn)) => {
+                *slot = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(err)) => {
+                self.registry.metrics().broker_publish_failures.inc();
+                Err(BrokerError::Unavailable(err.to_string()))
+            }
+            Err(_) => {
+                self.registry.metrics().broker_publish_failures.inc();
+                Err(BrokerError::Unavailable(
+                    "redis connect timed out".to_owned(),
+                ))
+            }
+        }
+    }
+}
+
+/// The subscriber task's state.
+struct Subscriber {
+    client: Client,
+    registry: Registry,
+    interest: Arc<Interest>,
+    health: Arc<Health>,
+    publisher: PublisherSlot,
+    timeout: Duration,
+    /// The Redis channels subscribed on the current connection.
+    subscribed: HashSet<String>,
+}
+
+/// Why a subscriber session ended.
+struct Ended {
+    /// Whether it had subscribed everything (so the next pause starts short again).
+    was_ready: bool,
+    reason: String,
+}
+
+impl Subscriber {
+    /// Connects, subscribes, relays; on any failure marks the node not ready, waits (capped
+    /// exponential backoff with jitter) and starts again. After a failure, every channel
+    /// subscribed again gets a gap announcement.
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut failed_before = false;
+        loop {
+            let ended = self.session(failed_before).await;
+            self.subscribed.clear();
+            self.health.set_down(ended.reason.clone());
+            *self.publisher.lock().await = None;
+            tracing::warn!(reason = %ended.reason, "redis backplane down; reconnecting");
+            failed_before = true;
+            if ended.was_ready {
+                backoff = BACKOFF_MIN;
+            }
+            let jittered = rand::rng().random_range(backoff / 2..=backoff);
+            tokio::time::sleep(jittered).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(&mut self, failed_before: bool) -> Ended {
+        let not_ready = |reason: String| Ended {
+            was_ready: false,
+            reason,
+        };
+        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
+        {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(err)) => return not_ready(format!("cannot connect to redis: {err}")),
+            Err(_) => return not_ready("connecting to redis timed out".to_owned()),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        // Marks made from now on are handled after the full subscription below.
+        self.interest.take();
+        let mut wanted: Vec<String> = vec![BROADCAST_CHANNEL.to_owned()];
+        wanted.extend(
+            self.registry
+                .channels()
+                .into_iter()
+                .map(|(name, _)| format!("{CHANNEL_PREFIX}{name}")),
+        );
+        wanted.extend(
+            self.registry
+                .client_ids()
+                .into_iter()
+                .map(|id| format!("{CLIENT_PREFIX}{id}")),
+        );
+        for chunk in wanted.chunks(SUBSCRIBE_PIPELINE) {
+            if let Err(reason) = self.command(&sink, "SUBSCRIBE", chunk).await {
+                return not_ready(reason);
+            }
+        }
+        self.subscribed.extend(wanted);
+        self.health.set_ready();
+        if failed_before {
+            self.registry.metrics().broker_reconnects.inc();
+            if let Err(reason) = self.announce_gaps().await {
+                return not_ready(reason);
+            }
+        }
+        tracing::info!(
+            subscriptions = self.subscribed.len(),
+            "redis backplane connected"
+        );
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.reset();
+        loop {
+            let outcome = tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.relay(&message).await,
+                    None => Err("the redis subscriber connection closed".to_owned()),
+                },
+                () = self.interest.changed() => self.follow_interest(&sink).await,
+                _ = ping.tick() => {
+                    match tokio::time::timeout(self.timeout, sink.ping::<redis::Value>()).await {
+                        // Also a backstop for a wake-up lost in a race: marks never wait
+                        // longer than one ping.
+                        Ok(Ok(_)) => self.follow_interest(&sink).await,
+                        Ok(Err(err)) => Err(format!("redis ping failed: {err}")),
+                        Err(_) => Err("redis did not answer a ping in time".to_owned()),
+                    }
+                }
+            };
+            if let Err(reason) = outcome {
+                return Ended {
+                    was_ready: true,
+                    reason,
+                };
+            }
+        }
+    }
+
+    /// Sends `SUBSCRIBE` or `UNSUBSCRIBE` for each name, one name per command (so each reply
+    /// answers exactly one request), pipelined, each bounded by the timeout.
+    async fn command(
+        &self,
+        sink: &PubSubSink,
+        command: &str,
+        names: &[String],
+    ) -> Result<(), String> {
+        let calls = names.iter().map(|name| {
+            let mut sink = sink.clone();
+            async move {
+                let call = async {
+                    if command == "SUBSCRIBE" {
+                        sink.subscribe(name).await
+                    } else {
+                        sink.unsubscribe(name).await
+                    }
+                };
+                match tokio::time::timeout(self.timeout, call).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(format!("redis {command} failed: {err}")),
+                    Err(_) => Err(format!("redis did not answer {command} in time")),
+                }
+            }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Subscribes to or unsubscribes from what the marked names need now.
+    async fn follow_interest(&mut self, sink: &PubSubSink) -> Result<(), String> {
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        for topic in self.interest.take() {
+            let (redis_name, wanted) = match &topic {
+                Topic::Channel(name) => (
+                    format!("{CHANNEL_PREFIX}{name}"),
+                    self.registry.has_subscribers(name),
+                ),
+                Topic::Client(id) => (format!("{CLIENT_PREFIX}{id}"), self.registry.has_client(id)),
+            };
+            match (wanted, self.subscribed.contains(&redis_name)) {
+                (true, false) => subscribe.push(redis_name),
+                (false, true) => unsubscribe.push(redis_name),
+                _ => {}
+            }
+        }
+        for chunk in subscribe.chunks(SUBSCRIBE_PIPELINE) {
+            self.command(sink, "SUBSCRIBE", chunk).await?;
+        }
+        for chunk in unsubscribe.chunks(SUBSCRIBE_PIPELINE) {
+            self.command(sink, "UNSUBSCRIBE", chunk).await?;
+        }
+        self.subscribed.extend(subscribe);
+        for name in &unsubscribe {
+            self.subscribed.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Tells the subscribers of every channel subscribed again that messages may be missing.
+    async fn announce_gaps(&self) -> Result<(), String> {
+        let channels: Vec<&str> = self
+            .subscribed
+            .iter()
+            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
+            .collect();
+        for channel in &channels {
+            self.registry
+                .announce_gap(channel)
+                .await
+                .map_err(|err| err.to_string())?;
+        }
+        self.registry
+            .metrics()
+            .broker_gaps
+            .inc_by(channels.len() as u64);
+        Ok(())
+    }
+
+    /// Hands one message from Redis to this node's connections. A message that does not
+    /// decode is logged and dropped; only a stopped registry ends the session.
+    async fn relay(&self, message: &Msg) -> Result<(), String> {
+        let name = message.get_channel_name();
+        let (route, with_offset) = if let Some(channel) = name.strip_prefix(CHANNEL_PREFIX) {
+            (Route::Channel(channel), true)
+        } else if let Some(client_id) = name.strip_prefix(CLIENT_PREFIX) {
+            (Route::Client(client_id), false)
+        } else if name == BROADCAST_CHANNEL {
+            (Route::Broadcast, false)
+        } else {
+            return Ok(());
+        };
+        let decoded = match wire::decode(message.get_payload_bytes(), with_offset) {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                tracing::warn!(%err, name, "dropping an undecodable message from redis");
+                return Ok(());
+            }
+        };
+        let delivered = match route {
+            Route::Channel(channel) => {
+                let offset = decoded.offset.unwrap_or_default();
+                self.registry
+                    .deliver(channel, offset, decoded.from, decoded.payload)
+                    .await
+            }
+            Route::Client(client_id) => {
+                self.registry
+                    .send_to(client_id, decoded.from, decoded.payload);
+                Ok(())
+            }
+            Route::Broadcast => self.registry.broadcast(decoded.payload).await.map(drop),
+        };
+        delivered.map_err(|err| err.to_string())
+    }
+}
+
+/// Where a message from Redis goes on this node.
+enum Route<'a> {
+    Channel(&'a str),
+    Client(&'a str),
+    Broadcast,
+}

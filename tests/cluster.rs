@@ -1,0 +1,385 @@
+//! Cluster mode end to end: several real Herald nodes sharing channels through a real
+//! `redis-server` (started here on a free port; the tests skip with a loud notice when it is
+//! not installed, unless `HERALD_REQUIRE_REDIS=1`). Every wait polls a condition with a
+//! deadline; nothing asserts on timing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::{RedisServer, available, free_port};
+use common::{TestServer, Ws, expect_silence, recv_json, send_json};
+use futures_util::SinkExt as _;
+use herald::Config;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a condition may take to come true: a reconnect waits up to the 5 s backoff cap.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn node(url: &str) -> TestServer {
+    TestServer::start(Config::default().redis(Some(url.to_owned()))).await
+}
+
+/// Polls `condition` until it holds, panicking with `what` after [`DEADLINE`].
+async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn readyz(server: &TestServer) -> u16 {
+    server.http().await.get("/readyz").await.status
+}
+
+async fn wait_ready(servers: &[&TestServer]) {
+    for server in servers {
+        eventually("the node is ready", async || readyz(server).await == 200).await;
+    }
+}
+
+/// Waits until `nodes` nodes subscribe to the Redis channel `name`.
+async fn wait_numsub(redis: &RedisServer, name: &str, nodes: u64) {
+    eventually(
+        &format!("{nodes} node(s) subscribe to {name}"),
+        async || redis.numsub(name) == Some(nodes),
+    )
+    .await;
+}
+
+/// The next frame that is not a gap announcement.
+async fn recv_message(ws: &mut Ws) -> Value {
+    loop {
+        let frame = recv_json(ws).await;
+        if frame["type"] != "gap" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
+    let Some(redis) = RedisServer::start("cluster publish") else {
+        return;
+    };
+    let (a, b, c) = (
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+    );
+    wait_ready(&[&a, &b, &c]).await;
+    let (mut b1, _) = b.connect_json("channels=news").await;
+    let (mut b2, _) = b.connect_json("channels=news").await;
+    let (mut c1, _) = c.connect_json("channels=news").await;
+    wait_numsub(&redis, "herald:ch:news", 2).await;
+
+    // HTTP publishes on A, which has no subscriber of its own.
+    let mut http = a.http().await;
+    for n in 1..=50u64 {
+        let reply = http
+            .post_json("/api/publish/news", &json!({"n": n}).to_string())
+            .await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json(), json!({"channel":"news","offset":n,"nodes":2}));
+    }
+    for ws in [&mut b1, &mut b2, &mut c1] {
+        for n in 1..=50u64 {
+            assert_eq!(
+                recv_json(ws).await,
+                json!({"type":"message","channel":"news","offset":n,"data":{"n":n}})
+            );
+        }
+    }
+
+    // A client publish over WebSocket on A.
+    let (mut publisher, publisher_id) = a.connect_json("").await;
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","channel":"news","data":"hi","id":1}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut publisher).await,
+        json!({"type":"published","id":1,"channel":"news","offset":51,"nodes":2})
+    );
+    for ws in [&mut b1, &mut b2, &mut c1] {
+        assert_eq!(
+            recv_json(ws).await,
+            json!({"type":"message","channel":"news","offset":51,"from":publisher_id,"data":"hi"})
+        );
+    }
+
+    // Concurrent publishers on two nodes: every subscriber sees one and the same order.
+    let mut tasks = Vec::new();
+    for (server, tag) in [(&a, "a"), (&b, "b")] {
+        let mut http = server.http().await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..20 {
+                let body = json!({"from": tag, "n": n}).to_string();
+                let reply = http.post_json("/api/publish/news", &body).await;
+                assert_eq!(reply.status, 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("publisher task");
+    }
+    let mut sequences = Vec::new();
+    for ws in [&mut b1, &mut b2, &mut c1] {
+        let mut sequence = Vec::new();
+        for offset in 52..=91u64 {
+            let message = recv_json(ws).await;
+            assert_eq!(message["offset"], offset, "offsets are consecutive");
+            sequence.push(message["data"].clone());
+        }
+        sequences.push(sequence);
+    }
+    assert!(sequences.windows(2).all(|pair| pair[0] == pair[1]));
+    for ws in [&mut b1, &mut b2, &mut c1] {
+        expect_silence(ws, Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn direct_sends_and_broadcasts_cross_nodes() {
+    let Some(redis) = RedisServer::start("cluster direct") else {
+        return;
+    };
+    let (a, b, c) = (
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+    );
+    wait_ready(&[&a, &b, &c]).await;
+    let (mut alice_b, _) = b.connect_json("client_id=alice").await;
+    let (mut alice_c, _) = c.connect_json("client_id=alice").await;
+    let (mut sender, sender_id) = a.connect_json("").await;
+    wait_numsub(&redis, "herald:client:alice", 2).await;
+
+    let mut http = a.http().await;
+    let reply = http.post_json("/api/send/alice", r#"{"x":1}"#).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json(), json!({"client_id":"alice","nodes":2}));
+    for ws in [&mut alice_b, &mut alice_c] {
+        assert_eq!(recv_json(ws).await, json!({"type":"direct","data":{"x":1}}));
+    }
+
+    let reply = http.post_json("/api/send/nobody", "1").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"], "client_not_found");
+
+    send_json(
+        &mut sender,
+        json!({"type":"send","to":"alice","data":"psst","id":"s"}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut sender).await,
+        json!({"type":"sent","id":"s","to":"alice","nodes":2})
+    );
+    for ws in [&mut alice_b, &mut alice_c] {
+        assert_eq!(
+            recv_json(ws).await,
+            json!({"type":"direct","from":sender_id,"data":"psst"})
+        );
+    }
+
+    let reply = http.post_json("/api/broadcast", r#""all""#).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json(), json!({"nodes":3}));
+    for ws in [&mut alice_b, &mut alice_c, &mut sender] {
+        assert_eq!(
+            recv_json(ws).await,
+            json!({"type":"broadcast","data":"all"})
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
+    let Some(redis) = RedisServer::start("cluster unsubscribe") else {
+        return;
+    };
+    let a = node(&redis.url()).await;
+    wait_ready(&[&a]).await;
+    let channels = |pattern: &str| redis.pubsub_channels(pattern);
+    assert!(
+        channels("herald:ch:*").is_empty(),
+        "no channel without subscribers"
+    );
+
+    let (mut first, _) = a.connect_json("channels=temp").await;
+    let (mut second, _) = a.connect_json("").await;
+    send_json(&mut second, json!({"type":"subscribe","channel":"temp"})).await;
+    recv_json(&mut second).await;
+    wait_numsub(&redis, "herald:ch:temp", 1).await;
+
+    // One of two subscribers leaves: still subscribed. A marker channel subscribed after it
+    // shows that the node has handled the change.
+    send_json(&mut first, json!({"type":"unsubscribe","channel":"temp"})).await;
+    recv_json(&mut first).await;
+    send_json(&mut first, json!({"type":"subscribe","channel":"marker"})).await;
+    recv_json(&mut first).await;
+    wait_numsub(&redis, "herald:ch:marker", 1).await;
+    assert_eq!(redis.numsub("herald:ch:temp"), Some(1));
+
+    // The last one leaves by unsubscribing, the marker's by disconnecting.
+    send_json(&mut second, json!({"type":"unsubscribe","channel":"temp"})).await;
+    recv_json(&mut second).await;
+    wait_numsub(&redis, "herald:ch:temp", 0).await;
+    first.send(Message::Close(None)).await.expect("close");
+    wait_numsub(&redis, "herald:ch:marker", 0).await;
+    assert!(channels("herald:ch:*").is_empty(), "{:?}", channels("*"));
+    assert_eq!(channels("herald:broadcast"), ["herald:broadcast"]);
+}
+
+#[tokio::test]
+async fn a_node_started_without_redis_serves_locally_and_turns_ready_when_it_comes() {
+    if !available("cluster redis down at start") {
+        return;
+    }
+    let port = free_port();
+    let a = node(&format!("redis://127.0.0.1:{port}/")).await;
+    let reply = a.http().await.get("/readyz").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "broker_unavailable");
+    let reply = a.http().await.post_json("/api/publish/news", "1").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "broker_unavailable");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(a.http().await.get("/healthz").await.status, 200);
+    let (mut subscriber, _) = a.connect_json("channels=news").await;
+
+    let redis = RedisServer::start_on(port);
+    wait_ready(&[&a]).await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    let reply = a.http().await.post_json("/api/publish/news", "2").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        recv_message(&mut subscriber).await,
+        json!({"type":"message","channel":"news","offset":1,"data":2})
+    );
+}
+
+async fn metric(server: &TestServer, name: &str) -> u64 {
+    let body = server.http().await.get("/metrics").await.body;
+    String::from_utf8(body)
+        .expect("utf-8 metrics")
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+#[tokio::test]
+async fn redis_dying_mid_stream_is_refused_announced_and_recovered() {
+    let Some(mut redis) = RedisServer::start("cluster redis dies") else {
+        return;
+    };
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    wait_ready(&[&a, &b]).await;
+    let (mut live, _) = b.connect_json("channels=live,other").await;
+    let (mut client_b, _) = b.connect_json("").await;
+    wait_numsub(&redis, "herald:ch:live", 1).await;
+    let mut http = a.http().await;
+    for n in 1..=5u64 {
+        assert_eq!(
+            http.post_json("/api/publish/live", &n.to_string())
+                .await
+                .status,
+            200
+        );
+        assert_eq!(recv_json(&mut live).await["offset"], n);
+    }
+
+    redis.kill();
+    eventually("node A notices", async || readyz(&a).await == 503).await;
+    eventually("node B notices", async || readyz(&b).await == 503).await;
+    let reply = a.http().await.post_json("/api/publish/live", "6").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "broker_unavailable");
+    assert_eq!(
+        a.http().await.post_json("/api/broadcast", "1").await.status,
+        503
+    );
+    assert_eq!(
+        a.http().await.post_json("/api/send/x", "1").await.status,
+        503
+    );
+    send_json(
+        &mut client_b,
+        json!({"type":"publish","channel":"live","data":7,"id":7}),
+    )
+    .await;
+    let refused = recv_json(&mut client_b).await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "broker_unavailable");
+    assert_eq!(refused["id"], 7);
+
+    redis.restart();
+    wait_ready(&[&a, &b]).await;
+    let mut gaps = vec![recv_json(&mut live).await, recv_json(&mut live).await];
+    gaps.sort_by_key(|gap| gap["channel"].as_str().map(str::to_owned));
+    assert_eq!(
+        gaps,
+        [
+            json!({"type":"gap","channel":"live"}),
+            json!({"type":"gap","channel":"other"})
+        ]
+    );
+    wait_numsub(&redis, "herald:ch:live", 1).await;
+    // Redis restarted empty, so the channel's offsets start again (the gap said so).
+    let reply = a.http().await.post_json("/api/publish/live", "8").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        recv_json(&mut live).await,
+        json!({"type":"message","channel":"live","offset":1,"data":8})
+    );
+    send_json(
+        &mut client_b,
+        json!({"type":"publish","channel":"live","data":9}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut client_b).await["type"], "published");
+    assert_eq!(recv_json(&mut live).await["data"], 9);
+
+    // Nobody was disconnected, both nodes still serve, and the metrics tell the story.
+    for server in [&a, &b] {
+        assert_eq!(server.http().await.get("/healthz").await.status, 200);
+    }
+    assert_eq!(
+        b.http().await.get("/api/stats").await.json()["connections"],
+        2
+    );
+    assert!(metric(&b, "herald_broker_reconnects_total").await >= 1);
+    assert!(metric(&b, "herald_broker_gaps_announced_total").await >= 2);
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_never_holds_a_publisher() {
+    let Some(redis) = RedisServer::start("cluster redis paused") else {
+        return;
+    };
+    let config = Config::default()
+        .redis(Some(redis.url()))
+        .redis_timeout(Duration::from_millis(300));
+    let a = TestServer::start(config).await;
+    wait_ready(&[&a]).await;
+    let (mut subscriber, _) = a.connect_json("channels=news").await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+
+    // Redis holds every client's commands for 3 s: the publish fails after the 300 ms timeout
+    // (or at once, once the node has noticed), with 503, not after Redis wakes up.
+    let paused = redis.command(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    assert!(paused.is_some_and(|reply| reply.starts_with("+OK")));
+    let reply = a.http().await.post_json("/api/publish/news", "1").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "broker_unavailable");
+
+    wait_ready(&[&a]).await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    let reply = a.http().await.post_json("/api/publish/news", "2").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(recv_message(&mut subscriber).await["data"], 2);
+}
