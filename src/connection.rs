@@ -412,7 +412,11 @@ impl Connection {
         }
         let reply = match request {
             Request::Subscribe { channel } => match self.registry.subscribe(self.id, &channel) {
-                Ok(_) => protocol::subscription_frame(true, id, &channel),
+                Ok(_) => {
+                    // Cluster mode: `subscribed` means messages from every node reach it.
+                    self.broker.until_heard(&[&channel], None).await;
+                    protocol::subscription_frame(true, id, &channel)
+                }
                 Err(err @ SubscribeError::TooMany(_)) => {
                     protocol::error_frame(id, "too_many_subscriptions", &err.to_string())
                 }

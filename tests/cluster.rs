@@ -383,3 +383,40 @@ async fn a_redis_that_stops_answering_never_holds_a_publisher() {
     assert_eq!(reply.status, 200);
     assert_eq!(recv_message(&mut subscriber).await["data"], 2);
 }
+
+#[tokio::test]
+async fn a_subscribed_reply_means_messages_from_every_node_arrive() {
+    let Some(redis) = RedisServer::start("cluster subscribe then publish") else {
+        return;
+    };
+    let a = node(&redis.url()).await;
+    let b = node(&redis.url()).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut subscriber, _) = b.connect_json("").await;
+    let mut publisher = a.http().await;
+    // Fresh channels, each published on the other node the moment `subscribed` arrives: the
+    // reply must wait for the node's Redis subscription, or these messages go nowhere.
+    for i in 0..50 {
+        let channel = format!("fresh:{i}");
+        send_json(
+            &mut subscriber,
+            json!({"type":"subscribe","channel":&channel}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut subscriber).await["type"], "subscribed");
+        assert_eq!(
+            redis.numsub(&format!("herald:ch:{channel}")),
+            Some(1),
+            "subscribed before the node's Redis subscription"
+        );
+        let reply = publisher
+            .post_json(&format!("/api/publish/{channel}"), &i.to_string())
+            .await;
+        assert_eq!(reply.json()["nodes"], 1, "{channel}: {:?}", reply.json());
+        let message = recv_message(&mut subscriber).await;
+        assert_eq!(
+            (message["channel"].as_str(), message["data"].as_i64()),
+            (Some(&*channel), Some(i))
+        );
+    }
+}

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use rand::Rng as _;
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, Client, Msg, Script};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::BrokerError;
@@ -75,6 +76,27 @@ impl Health {
     }
 }
 
+/// The Redis channels subscribed on the current subscriber connection, shared so that a
+/// connection can wait until its channel (or client id) is heard from other nodes before it
+/// tells its client it is subscribed.
+#[derive(Debug, Default)]
+struct Heard {
+    names: Mutex<HashSet<String>>,
+    /// Notified whenever names are added.
+    added: Notify,
+}
+
+impl Heard {
+    fn extend(&self, names: impl IntoIterator<Item = String>) {
+        self.names.lock().extend(names);
+        self.added.notify_waiters();
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.lock().contains(name)
+    }
+}
+
 /// The publisher connection, opened on first use and dropped on any failure.
 type PublisherSlot = Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>;
 
@@ -86,6 +108,7 @@ pub struct Backplane {
     script: Script,
     timeout: Duration,
     health: Arc<Health>,
+    heard: Arc<Heard>,
     registry: Registry,
     subscriber: JoinHandle<()>,
 }
@@ -110,6 +133,7 @@ impl Backplane {
             reason: Mutex::new("not connected to redis yet".to_owned()),
         });
         let publisher = PublisherSlot::default();
+        let heard = Arc::new(Heard::default());
         let subscriber = tokio::spawn(
             Subscriber {
                 client: client.clone(),
@@ -118,7 +142,7 @@ impl Backplane {
                 health: Arc::clone(&health),
                 publisher: Arc::clone(&publisher),
                 timeout,
-                subscribed: HashSet::new(),
+                heard: Arc::clone(&heard),
             }
             .run(),
         );
@@ -128,9 +152,28 @@ impl Backplane {
             script: Script::new(PUBLISH_SCRIPT),
             timeout,
             health,
+            heard,
             registry,
             subscriber,
         }
+    }
+
+    /// Waits until every one of `names` (Redis channel names) is subscribed on the subscriber
+    /// connection, so that messages other nodes publish to them from now on reach this node;
+    /// gives up after the Redis timeout (Redis is down: the subscription is made, and a gap
+    /// announced, once it is back). Returns whether they all are.
+    pub async fn until_heard(&self, names: &[String]) -> bool {
+        tokio::time::timeout(self.timeout, async {
+            loop {
+                let added = self.heard.added.notified();
+                if names.iter().all(|name| self.heard.contains(name)) {
+                    return;
+                }
+                added.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// `Ok` while subscribed in Redis; otherwise why not.
@@ -235,7 +278,7 @@ struct Subscriber {
     publisher: PublisherSlot,
     timeout: Duration,
     /// The Redis channels subscribed on the current connection.
-    subscribed: HashSet<String>,
+    heard: Arc<Heard>,
 }
 
 /// Why a subscriber session ended.
@@ -254,7 +297,7 @@ impl Subscriber {
         let mut failed_before = false;
         loop {
             let ended = self.session(failed_before).await;
-            self.subscribed.clear();
+            self.heard.names.lock().clear();
             self.health.set_down(ended.reason.clone());
             *self.publisher.lock().await = None;
             tracing::warn!(reason = %ended.reason, "redis backplane down; reconnecting");
@@ -300,7 +343,7 @@ impl Subscriber {
                 return not_ready(reason);
             }
         }
-        self.subscribed.extend(wanted);
+        self.heard.extend(wanted);
         self.health.set_ready();
         if failed_before {
             self.registry.metrics().broker_reconnects.inc();
@@ -309,7 +352,7 @@ impl Subscriber {
             }
         }
         tracing::info!(
-            subscriptions = self.subscribed.len(),
+            subscriptions = self.heard.names.lock().len(),
             "redis backplane connected"
         );
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -383,7 +426,7 @@ impl Subscriber {
                 ),
                 Topic::Client(id) => (format!("{CLIENT_PREFIX}{id}"), self.registry.has_client(id)),
             };
-            match (wanted, self.subscribed.contains(&redis_name)) {
+            match (wanted, self.heard.contains(&redis_name)) {
                 (true, false) => subscribe.push(redis_name),
                 (false, true) => unsubscribe.push(redis_name),
                 _ => {}
@@ -395,19 +438,23 @@ impl Subscriber {
         for chunk in unsubscribe.chunks(SUBSCRIBE_PIPELINE) {
             self.command(sink, "UNSUBSCRIBE", chunk).await?;
         }
-        self.subscribed.extend(subscribe);
+        self.heard.extend(subscribe);
+        let mut heard = self.heard.names.lock();
         for name in &unsubscribe {
-            self.subscribed.remove(name);
+            heard.remove(name);
         }
         Ok(())
     }
 
     /// Tells the subscribers of every channel subscribed again that messages may be missing.
     async fn announce_gaps(&self) -> Result<(), String> {
-        let channels: Vec<&str> = self
-            .subscribed
+        let channels: Vec<String> = self
+            .heard
+            .names
+            .lock()
             .iter()
             .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
+            .map(str::to_owned)
             .collect();
         for channel in &channels {
             self.registry

@@ -15,7 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::protocol::Payload;
 use crate::registry::{Interest, PublishError, Registry};
 
-use backplane::{BROADCAST_CHANNEL, Backplane, CLIENT_PREFIX};
+use backplane::{BROADCAST_CHANNEL, Backplane, CHANNEL_PREFIX, CLIENT_PREFIX};
 
 /// Why a message could not be handed on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +122,24 @@ impl Broker {
         self.backplane
             .as_ref()
             .map_or(Ok(()), |backplane| backplane.readiness())
+    }
+
+    /// Waits until this node hears what other nodes publish to `channels` and send to
+    /// `client_id` (cluster mode: until its Redis subscriptions for them are confirmed, at most
+    /// the Redis timeout), so that a client told it is subscribed misses nothing published
+    /// after that. Returns at once in local mode.
+    pub async fn until_heard(&self, channels: &[&str], client_id: Option<&str>) {
+        let Some(backplane) = &self.backplane else {
+            return;
+        };
+        let names: Vec<String> = channels
+            .iter()
+            .map(|channel| format!("{CHANNEL_PREFIX}{channel}"))
+            .chain(client_id.map(|id| format!("{CLIENT_PREFIX}{id}")))
+            .collect();
+        if !backplane.until_heard(&names).await {
+            tracing::debug!(?names, "redis subscriptions not confirmed in time");
+        }
     }
 
     /// Publishes to `channel` (a valid name).
