@@ -419,4 +419,31 @@ async fn a_subscribed_reply_means_messages_from_every_node_arrive() {
             (Some(&*channel), Some(i))
         );
     }
+    // The same for channels asked for on connect and for the client id's direct sends: from
+    // the welcome frame on.
+    for i in 0..20 {
+        let channel = format!("connect:{i}");
+        let (mut ws, id) = b
+            .connect_json(&format!("channels={channel}&client_id=fresh-{i}"))
+            .await;
+        assert_eq!(
+            redis.numsub(&format!("herald:ch:{channel}")),
+            Some(1),
+            "{channel}"
+        );
+        let sent = publisher
+            .post_json(&format!("/api/send/{id}"), "\"dm\"")
+            .await;
+        assert_eq!(
+            sent.status,
+            200,
+            "a direct send right after the welcome: {:?}",
+            sent.json()
+        );
+        assert_eq!(recv_message(&mut ws).await["data"], "dm");
+        publisher
+            .post_json(&format!("/api/publish/{channel}"), "1")
+            .await;
+        assert_eq!(recv_message(&mut ws).await["channel"], channel.as_str());
+    }
 }

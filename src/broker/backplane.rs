@@ -9,7 +9,7 @@
 //!   that client id;
 //! - `herald:broadcast`: broadcasts, subscribed by every node.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -97,6 +97,43 @@ impl Heard {
     }
 }
 
+/// Redis channel names held subscribed for connections about to register, with how many
+/// holds each has ([`Backplane::hold`]).
+type Holds = Arc<Mutex<HashMap<String, usize>>>;
+
+/// Keeps names subscribed in Redis while it lives, whether or not the registry has a local
+/// subscriber for them yet: a new connection holds its channels and client id until it is
+/// registered, so that it hears other nodes from its welcome frame on.
+#[derive(Debug)]
+pub struct Hold {
+    holds: Holds,
+    interest: Arc<Interest>,
+    topics: Vec<(Topic, String)>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = self.holds.lock();
+        for (topic, name) in self.topics.drain(..) {
+            if let Some(count) = holds.get_mut(&name) {
+                *count -= 1;
+                if *count == 0 {
+                    holds.remove(&name);
+                }
+            }
+            self.interest.mark(topic);
+        }
+    }
+}
+
+/// The Redis channel name of a topic.
+fn redis_name(topic: &Topic) -> String {
+    match topic {
+        Topic::Channel(name) => format!("{CHANNEL_PREFIX}{name}"),
+        Topic::Client(id) => format!("{CLIENT_PREFIX}{id}"),
+    }
+}
+
 /// The publisher connection, opened on first use and dropped on any failure.
 type PublisherSlot = Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>;
 
@@ -109,6 +146,8 @@ pub struct Backplane {
     timeout: Duration,
     health: Arc<Health>,
     heard: Arc<Heard>,
+    holds: Holds,
+    interest: Arc<Interest>,
     registry: Registry,
     subscriber: JoinHandle<()>,
 }
@@ -134,11 +173,13 @@ impl Backplane {
         });
         let publisher = PublisherSlot::default();
         let heard = Arc::new(Heard::default());
+        let holds = Holds::default();
         let subscriber = tokio::spawn(
             Subscriber {
                 client: client.clone(),
                 registry: registry.clone(),
-                interest,
+                interest: Arc::clone(&interest),
+                holds: Arc::clone(&holds),
                 health: Arc::clone(&health),
                 publisher: Arc::clone(&publisher),
                 timeout,
@@ -153,9 +194,40 @@ impl Backplane {
             timeout,
             health,
             heard,
+            holds,
+            interest,
             registry,
             subscriber,
         }
+    }
+
+    /// Holds `topics` subscribed in Redis until the returned [`Hold`] is dropped, and waits
+    /// until they are (see [`Backplane::until_heard`]).
+    pub async fn hold(&self, topics: Vec<Topic>) -> Hold {
+        let topics: Vec<(Topic, String)> = topics
+            .into_iter()
+            .map(|topic| {
+                let name = redis_name(&topic);
+                (topic, name)
+            })
+            .collect();
+        {
+            let mut holds = self.holds.lock();
+            for (topic, name) in &topics {
+                *holds.entry(name.clone()).or_default() += 1;
+                self.interest.mark(topic.clone());
+            }
+        }
+        let names: Vec<String> = topics.iter().map(|(_, name)| name.clone()).collect();
+        let hold = Hold {
+            holds: Arc::clone(&self.holds),
+            interest: Arc::clone(&self.interest),
+            topics,
+        };
+        if !self.until_heard(&names).await {
+            tracing::debug!(?names, "redis subscriptions not confirmed in time");
+        }
+        hold
     }
 
     /// Waits until every one of `names` (Redis channel names) is subscribed on the subscriber
@@ -274,6 +346,8 @@ struct Subscriber {
     client: Client,
     registry: Registry,
     interest: Arc<Interest>,
+    /// Names held subscribed for connections about to register.
+    holds: Holds,
     health: Arc<Health>,
     publisher: PublisherSlot,
     timeout: Duration,
@@ -338,6 +412,9 @@ impl Subscriber {
                 .into_iter()
                 .map(|id| format!("{CLIENT_PREFIX}{id}")),
         );
+        wanted.extend(self.holds.lock().keys().cloned());
+        wanted.sort_unstable();
+        wanted.dedup();
         for chunk in wanted.chunks(SUBSCRIBE_PIPELINE) {
             if let Err(reason) = self.command(&sink, "SUBSCRIBE", chunk).await {
                 return not_ready(reason);
@@ -419,13 +496,12 @@ impl Subscriber {
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
         for topic in self.interest.take() {
-            let (redis_name, wanted) = match &topic {
-                Topic::Channel(name) => (
-                    format!("{CHANNEL_PREFIX}{name}"),
-                    self.registry.has_subscribers(name),
-                ),
-                Topic::Client(id) => (format!("{CLIENT_PREFIX}{id}"), self.registry.has_client(id)),
-            };
+            let redis_name = redis_name(&topic);
+            let wanted = self.holds.lock().contains_key(&redis_name)
+                || match &topic {
+                    Topic::Channel(name) => self.registry.has_subscribers(name),
+                    Topic::Client(id) => self.registry.has_client(id),
+                };
             match (wanted, self.heard.contains(&redis_name)) {
                 (true, false) => subscribe.push(redis_name),
                 (false, true) => unsubscribe.push(redis_name),

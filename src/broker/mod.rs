@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::Payload;
-use crate::registry::{Interest, PublishError, Registry};
+use crate::registry::{Interest, PublishError, Registry, Topic};
 
+pub use backplane::Hold;
 use backplane::{BROADCAST_CHANNEL, Backplane, CHANNEL_PREFIX, CLIENT_PREFIX};
 
 /// Why a message could not be handed on.
@@ -140,6 +141,20 @@ impl Broker {
         if !backplane.until_heard(&names).await {
             tracing::debug!(?names, "redis subscriptions not confirmed in time");
         }
+    }
+
+    /// Cluster mode: makes this node hear other nodes' messages for `channels` and direct
+    /// sends to `client_id` before a new connection registers, and keeps it so while the
+    /// returned [`Hold`] lives (drop it once the connection is registered). Waits at most the
+    /// Redis timeout. `None` at once in local mode.
+    pub async fn hold_for(&self, channels: &[String], client_id: &str) -> Option<Hold> {
+        let backplane = self.backplane.as_ref()?;
+        let topics = channels
+            .iter()
+            .map(|channel| Topic::Channel(Arc::from(channel.as_str())))
+            .chain([Topic::Client(Arc::from(client_id))])
+            .collect();
+        Some(backplane.hold(topics).await)
     }
 
     /// Publishes to `channel` (a valid name).

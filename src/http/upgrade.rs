@@ -79,6 +79,12 @@ pub fn websocket(
                 return;
             }
         };
+        // Cluster mode: other nodes' messages for this connection reach this node from its
+        // welcome frame on.
+        let _hold = match session.format {
+            Format::Echo => None,
+            _ => broker.hold_for(&session.channels, &session.client_id).await,
+        };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => connection::spawn(
                 parts.io.into_inner(),
