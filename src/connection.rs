@@ -24,9 +24,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::rate::{RateLimit, Verdict};
-use crate::registry::{
-    CloseReason, ConnId, Flushed, Format, Outbox, Push, Registry, Signal, SubscribeError,
-};
+use crate::registry::{CloseReason, ConnId, Flushed, Format, Outbox, Push, Signal, SubscribeError};
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{Decoder, Message, OpCode, encode_close, encode_frame};
 
@@ -86,7 +84,6 @@ pub fn spawn(
     registry.task_started();
     let conn = Connection {
         stream,
-        registry: registry.clone(),
         broker: broker.clone(),
         id: registration.id,
         outbox: registration.outbox,
@@ -161,8 +158,7 @@ impl Ending {
 struct Connection {
     /// Shared with the outbox, which writes to it (from the shard writer, or from here).
     stream: Arc<TcpStream>,
-    registry: Registry,
-    /// Where the client's publishes and sends go.
+    /// Where the client's publishes and sends go, and the registry it is in.
     broker: Broker,
     id: ConnId,
     outbox: Arc<Outbox>,
@@ -184,8 +180,8 @@ struct Connection {
 /// Unregisters the connection however its task ends (a repeated unregister is a no-op).
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.registry.unregister(self.id);
-        self.registry.task_done();
+        self.broker.registry().unregister(self.id);
+        self.broker.registry().task_done();
     }
 }
 
@@ -206,7 +202,7 @@ impl Connection {
             Ending::Gone => ClosedBy::PeerGone,
             Ending::Close { by, .. } => by,
         };
-        self.registry.metrics().record_close(by);
+        self.broker.registry().metrics().record_close(by);
         // Boxed: the closing sequence (timers, a drain buffer) would otherwise be part of the
         // state of every idle connection's future.
         Box::pin(self.finish(ending)).await;
@@ -223,7 +219,7 @@ impl Connection {
                 return Ending::server(reason);
             }
             // Writes this connection's own replies; publishes are written by the shard writer.
-            let blocked = match self.outbox.flush(self.registry.metrics()) {
+            let blocked = match self.outbox.flush(self.broker.registry().metrics()) {
                 Flushed::Done => false,
                 Flushed::Blocked => true,
                 Flushed::Failed => return Ending::Gone,
@@ -296,8 +292,12 @@ impl Connection {
         match self.stream.try_read_buf(buf) {
             Ok(0) => Some(Ending::Gone),
             Ok(read) => {
-                self.registry.metrics().bytes_received.inc_by(read as u64);
-                self.outbox.touch(self.registry.now_ms());
+                self.broker
+                    .registry()
+                    .metrics()
+                    .bytes_received
+                    .inc_by(read as u64);
+                self.outbox.touch(self.broker.registry().now_ms());
                 None
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,
@@ -321,8 +321,8 @@ impl Connection {
             // Backpressure: replies (pongs, echoes, acks) may not pile up faster than the
             // client reads them. At half the queue, write; if the socket is full, stop decoding
             // and stop reading until it drains, instead of dropping a client that does read.
-            if self.outbox.depth() * 2 >= self.registry.queue_capacity()
-                && self.outbox.flush(self.registry.metrics()) == Flushed::Blocked
+            if self.outbox.depth() * 2 >= self.broker.registry().queue_capacity()
+                && self.outbox.flush(self.broker.registry().metrics()) == Flushed::Blocked
             {
                 self.input_paused = true;
                 return Input::Done;
@@ -388,8 +388,8 @@ impl Connection {
             request,
             Request::Publish { .. } | Request::Send { .. } | Request::Refresh { .. }
         ) {
-            let rate = self.registry.client_publish_rate();
-            match self.rate.check(rate, self.registry.now_ms()) {
+            let rate = self.broker.registry().client_publish_rate();
+            match self.rate.check(rate, self.broker.registry().now_ms()) {
                 Verdict::Allowed => {}
                 Verdict::Refused => {
                     let message = format!("over {rate} publishes per second");
@@ -411,19 +411,21 @@ impl Connection {
             return None;
         }
         let reply = match request {
-            Request::Subscribe { channel } => match self.registry.subscribe(self.id, &channel) {
-                Ok(_) => {
-                    // Cluster mode: `subscribed` means messages from every node reach it.
-                    self.broker.until_heard(&[&channel], None).await;
-                    protocol::subscription_frame(true, id, &channel)
+            Request::Subscribe { channel } => {
+                match self.broker.registry().subscribe(self.id, &channel) {
+                    Ok(_) => {
+                        // Cluster mode: `subscribed` means messages from every node reach it.
+                        self.broker.until_heard(&[&channel], None).await;
+                        protocol::subscription_frame(true, id, &channel)
+                    }
+                    Err(err @ SubscribeError::TooMany(_)) => {
+                        protocol::error_frame(id, "too_many_subscriptions", &err.to_string())
+                    }
+                    Err(SubscribeError::Gone) => return None,
                 }
-                Err(err @ SubscribeError::TooMany(_)) => {
-                    protocol::error_frame(id, "too_many_subscriptions", &err.to_string())
-                }
-                Err(SubscribeError::Gone) => return None,
-            },
+            }
             Request::Unsubscribe { channel } => {
-                if self.registry.unsubscribe(self.id, &channel) {
+                if self.broker.registry().unsubscribe(self.id, &channel) {
                     protocol::subscription_frame(false, id, &channel)
                 } else {
                     protocol::error_frame(id, "not_subscribed", "not subscribed to that channel")
@@ -507,15 +509,16 @@ impl Connection {
         }
         let expires_in = grant.expires_in();
         let revoked: Vec<_> = self
-            .registry
+            .broker
+            .registry()
             .subscriptions(self.id)
             .into_iter()
             .filter(|channel| !grant.subscribe.matches(channel))
             .collect();
         auth.grant = grant;
-        self.registry.set_expiry(self.id, expires_in);
+        self.broker.registry().set_expiry(self.id, expires_in);
         for channel in revoked {
-            if self.registry.unsubscribe(self.id, &channel) {
+            if self.broker.registry().unsubscribe(self.id, &channel) {
                 self.reply(protocol::subscription_frame(false, None, &channel));
             }
         }
@@ -525,8 +528,12 @@ impl Connection {
     /// Queues a frame for this connection itself. Replies count against the queue like any
     /// frame, so a client that floods requests without reading is dropped as a slow consumer.
     fn reply(&self, frame: Bytes) {
-        if self.outbox.push(frame, self.registry.queue_capacity()) == Push::Overflowed {
-            self.registry.metrics().slow_consumer_drops.inc();
+        if self
+            .outbox
+            .push(frame, self.broker.registry().queue_capacity())
+            == Push::Overflowed
+        {
+            self.broker.registry().metrics().slow_consumer_drops.inc();
             tracing::warn!(client_id = %self.client_id, "dropping slow consumer: its queue is full");
         }
     }
@@ -557,7 +564,7 @@ impl Connection {
             None => encode_frame(OpCode::Close, &[]),
         };
         self.outbox.queue_close(close, flush);
-        let metrics = self.registry.metrics();
+        let metrics = self.broker.registry().metrics();
         let written = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             loop {
                 match self.outbox.flush_closing(metrics) {
@@ -578,7 +585,7 @@ impl Connection {
         }
         let _ = rustix::net::shutdown(&*self.stream, rustix::net::Shutdown::Write);
         // The close is sent: the connection is gone as far as everyone else is concerned.
-        self.registry.unregister(self.id);
+        self.broker.registry().unregister(self.id);
         // Wait for the client's side of the close before dropping the socket: closing it with
         // the client's close frame unread would reset the connection, and a reset can destroy
         // our close frame before the client reads it. The task still counts for a graceful
@@ -616,6 +623,7 @@ fn broker_error_frame(id: Option<&serde_json::value::RawValue>, err: &BrokerErro
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::registry::Registry;
 
     /// Every idle connection pays for its task's future: keep it small.
     #[tokio::test]
@@ -631,7 +639,6 @@ mod tests {
         registry.task_started();
         let conn = Connection {
             stream: client,
-            registry: registry.clone(),
             broker: Broker::local(registry.clone()),
             id: registration.id,
             outbox: registration.outbox,
