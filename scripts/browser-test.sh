@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Herald, starts it on free loopback ports (once anonymous, once with JWT auth and
-# tokens minted by `herald token`) and runs the headless-browser end-to-end test of the
-# demo page (tests/browser/demo.test.mjs) against both.
+# tokens minted by `herald token`, and as two cluster nodes sharing a redis-server when one is
+# installed) and runs the headless-browser end-to-end test of the demo page
+# (tests/browser/demo.test.mjs) against them.
 #
 # Needs: cargo, node >= 20 + npm, and Debian's chromium (installed here if missing).
 # Exit code: the node test runner's.
@@ -104,12 +105,30 @@ TOKEN_ALICE="$(mint alice)"
 TOKEN_BOB="$(mint bob)"
 unset HERALD_JWT_SECRET
 
+# --- two cluster nodes sharing one redis-server (skipped without redis-server) --
+CLUSTER_URLS=""
+if command -v redis-server >/dev/null 2>&1; then
+  REDIS_PORT="$(free_port)"
+  log "starting redis-server on 127.0.0.1:$REDIS_PORT"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+    >"tests/browser/artifacts/redis-$REDIS_PORT.log" 2>&1 &
+  SERVER_PIDS+=("$!")
+  SERVER_LOGS+=("tests/browser/artifacts/redis-$REDIS_PORT.log")
+  for _ in 1 2; do
+    NODE_PORT="$(free_port)"
+    start_server "$NODE_PORT" --redis "redis://127.0.0.1:$REDIS_PORT/"
+    CLUSTER_URLS="$CLUSTER_URLS http://127.0.0.1:$NODE_PORT"
+  done
+else
+  log "redis-server not installed: the cluster scenario is skipped"
+fi
+
 # --- run the test -------------------------------------------------------------
 status=0
 (
   cd tests/browser
   HERALD_URL="$URL" HERALD_AUTH_URL="$AUTH_URL" HERALD_TOKEN_ALICE="$TOKEN_ALICE" \
-    HERALD_TOKEN_BOB="$TOKEN_BOB" node --test --test-reporter=spec demo.test.mjs
+    HERALD_TOKEN_BOB="$TOKEN_BOB" HERALD_CLUSTER_URLS="${CLUSTER_URLS# }" node --test --test-reporter=spec demo.test.mjs
 ) || status=$?
 
 if [[ "$status" -ne 0 ]]; then

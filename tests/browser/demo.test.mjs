@@ -289,3 +289,32 @@ test('with JWT auth, the page connects with ?token= and the token picks the clie
   const anonymous = await openClient('auth-none', `${AUTH_URL}/`);
   await waitForText(anonymous, '#errors', ['refused the WebSocket', '?token='], 'refusal explained');
 }));
+
+const CLUSTER_URLS = (process.env.HERALD_CLUSTER_URLS || '').split(' ').filter(Boolean);
+
+test('cluster: two browsers on two nodes chat through Redis, and HTTP publishes reach both', {
+  skip: CLUSTER_URLS.length === 2 ? false : 'HERALD_CLUSTER_URLS not set (needs redis-server)',
+}, withArtifacts(async () => {
+  const [nodeA, nodeB] = CLUSTER_URLS;
+  const carol = await openClient('carol', `${nodeA}/?client_id=carol`);
+  const dave = await openClient('dave', `${nodeB}/?client_id=dave`);
+  await waitForText(carol, '#client-id', 'carol', 'carol welcome');
+  await waitForText(dave, '#client-id', 'dave', 'dave welcome');
+
+  await join(carol, 'cluster-room');
+  await join(dave, 'cluster-room');
+  await chat(carol, 'hello from node A');
+  await waitForEntry(dave, '#chat-log', 'carol', 'hello from node A', 'dave (node B) gets carol\'s chat');
+  await chat(dave, 'hello from node B');
+  await waitForEntry(carol, '#chat-log', 'dave', 'hello from node B', 'carol (node A) gets dave\'s chat');
+
+  // An HTTP publish on node A reaches the page on node B (subscribed to news on connect).
+  const res = await fetch(`${nodeA}/api/publish/news`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ title: 'across the cluster' }),
+    signal: AbortSignal.timeout(TIMEOUT),
+  });
+  assert.equal(res.status, 200, await res.text());
+  await waitForText(dave, '#notifications', 'across the cluster', 'news on node B');
+}));
