@@ -21,6 +21,17 @@ async fn node(url: &str) -> TestServer {
     TestServer::start(Config::default().redis(Some(url.to_owned()))).await
 }
 
+/// Three ready nodes sharing `redis`.
+async fn three_nodes(redis: &RedisServer) -> (TestServer, TestServer, TestServer) {
+    let nodes = (
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+    );
+    wait_ready(&[&nodes.0, &nodes.1, &nodes.2]).await;
+    nodes
+}
+
 /// Polls `condition` until it holds, panicking with `what` after [`DEADLINE`].
 async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -64,12 +75,7 @@ async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
     let Some(redis) = RedisServer::start("cluster publish") else {
         return;
     };
-    let (a, b, c) = (
-        node(&redis.url()).await,
-        node(&redis.url()).await,
-        node(&redis.url()).await,
-    );
-    wait_ready(&[&a, &b, &c]).await;
+    let (a, b, c) = three_nodes(&redis).await;
     let (mut b1, _) = b.connect_json("channels=news").await;
     let (mut b2, _) = b.connect_json("channels=news").await;
     let (mut c1, _) = c.connect_json("channels=news").await;
@@ -147,12 +153,7 @@ async fn direct_sends_and_broadcasts_cross_nodes() {
     let Some(redis) = RedisServer::start("cluster direct") else {
         return;
     };
-    let (a, b, c) = (
-        node(&redis.url()).await,
-        node(&redis.url()).await,
-        node(&redis.url()).await,
-    );
-    wait_ready(&[&a, &b, &c]).await;
+    let (a, b, c) = three_nodes(&redis).await;
     let (mut alice_b, _) = b.connect_json("client_id=alice").await;
     let (mut alice_c, _) = c.connect_json("client_id=alice").await;
     let (mut sender, sender_id) = a.connect_json("").await;

@@ -467,13 +467,7 @@ impl Registry {
         raw: Option<Bytes>,
     ) -> Result<(), PublishError> {
         let delivery = Arc::new(Delivery::new(Some(Arc::from(channel)), json, raw));
-        for shard in self.inner.shards.iter() {
-            shard
-                .tx
-                .send(Arc::clone(&delivery))
-                .await
-                .map_err(|_| PublishError::ShuttingDown)?;
-        }
+        self.to_every_writer(delivery).await?;
         Ok(())
     }
 
@@ -505,6 +499,18 @@ impl Registry {
         }
     }
 
+    /// Hands `delivery` to every shard's writer, in order behind what they already have.
+    async fn to_every_writer(&self, delivery: Arc<Delivery>) -> Result<(), PublishError> {
+        for shard in self.inner.shards.iter() {
+            shard
+                .tx
+                .send(Arc::clone(&delivery))
+                .await
+                .map_err(|_| PublishError::ShuttingDown)?;
+        }
+        Ok(())
+    }
+
     /// Sends to every json and raw connection.
     ///
     /// # Errors
@@ -513,13 +519,7 @@ impl Registry {
         let json = protocol::broadcast_frame(payload);
         let raw = Some(raw_frame(payload));
         let delivery = Arc::new(Delivery::new(None, json, raw));
-        for shard in self.inner.shards.iter() {
-            shard
-                .tx
-                .send(Arc::clone(&delivery))
-                .await
-                .map_err(|_| PublishError::ShuttingDown)?;
-        }
+        self.to_every_writer(delivery).await?;
         Ok(self.inner.live.load(Ordering::Relaxed) as u64)
     }
 
