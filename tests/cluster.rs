@@ -234,6 +234,67 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     wait_numsub(&redis, "herald:ch:marker", 0).await;
     assert!(channels("herald:ch:*").is_empty(), "{:?}", channels("*"));
     assert_eq!(channels("herald:broadcast"), ["herald:broadcast"]);
+
+    // A client id's direct-send route lives as long as its last connection.
+    let (mut bob, _) = a.connect_json("client_id=bob").await;
+    wait_numsub(&redis, "herald:client:bob", 1).await;
+    bob.send(Message::Close(None)).await.expect("close");
+    wait_numsub(&redis, "herald:client:bob", 0).await;
+}
+
+#[tokio::test]
+async fn a_channel_left_and_joined_at_once_is_never_reported_heard_while_unsubscribing() {
+    let Some(redis) = RedisServer::start("cluster leave and join") else {
+        return;
+    };
+    let a = node(&redis.url()).await;
+    let b = node(&redis.url()).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut first, _) = b.connect_json("channels=x").await;
+    let (mut second, _) = b.connect_json("").await;
+    let mut http = a.http().await;
+    // The last subscriber leaves and another joins right after: the node's UNSUBSCRIBE may be
+    // under way when the second `subscribe` arrives, and its reply must wait for the new
+    // SUBSCRIBE, or the publish after it reaches no node.
+    for i in 0..200 {
+        let (leaver, joiner) = if i % 2 == 0 {
+            (&mut first, &mut second)
+        } else {
+            (&mut second, &mut first)
+        };
+        send_json(leaver, json!({"type":"unsubscribe","channel":"x"})).await;
+        assert_eq!(recv_json(leaver).await["type"], "unsubscribed");
+        send_json(joiner, json!({"type":"subscribe","channel":"x"})).await;
+        assert_eq!(recv_json(joiner).await["type"], "subscribed");
+        let reply = http.post_json("/api/publish/x", &i.to_string()).await;
+        assert_eq!(
+            reply.json()["nodes"],
+            1,
+            "round {i}: the publish reached no node"
+        );
+        assert_eq!(recv_message(joiner).await["data"], i);
+    }
+}
+
+#[tokio::test]
+async fn an_undecodable_message_in_redis_is_announced_as_a_gap() {
+    let Some(redis) = RedisServer::start("cluster garbage") else {
+        return;
+    };
+    let a = node(&redis.url()).await;
+    wait_ready(&[&a]).await;
+    let (mut subscriber, _) = a.connect_json("channels=news").await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    let published = redis.command(&["PUBLISH", "herald:ch:news", "not a herald message"]);
+    assert_eq!(published.as_deref(), Some(":1\r\n"));
+    let gap = recv_json(&mut subscriber).await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["channel"].as_str()),
+        (Some("gap"), Some("news"))
+    );
+    let reply = a.http().await.post_json("/api/publish/news", "1").await;
+    assert_eq!(reply.status, 200, "still serving");
+    assert_eq!(recv_message(&mut subscriber).await["data"], 1);
 }
 
 #[tokio::test]

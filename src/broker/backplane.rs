@@ -42,6 +42,9 @@ pub const OFFSET_TTL_MS: u64 = 5 * 60 * 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest pause between two connection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a subscriber session must have lasted for the next reconnect to start with the
+/// shortest pause again.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// How often the subscriber connection is pinged, to notice a Redis that stopped answering
 /// without closing the connection.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -232,9 +235,15 @@ impl Backplane {
 
     /// Waits until every one of `names` (Redis channel names) is subscribed on the subscriber
     /// connection, so that messages other nodes publish to them from now on reach this node;
-    /// gives up after the Redis timeout (Redis is down: the subscription is made, and a gap
-    /// announced, once it is back). Returns whether they all are.
+    /// gives up at once while Redis is down and after the Redis timeout otherwise (the
+    /// subscription is made, and a gap announced, once Redis is back). Returns whether they
+    /// all are.
     pub async fn until_heard(&self, names: &[String]) -> bool {
+        if self.readiness().is_err() {
+            // Redis is down: waiting would only stall the client, and the gap announced when
+            // it is back covers what it misses meanwhile.
+            return false;
+        }
         tokio::time::timeout(self.timeout, async {
             loop {
                 let added = self.heard.added.notified();
@@ -370,13 +379,17 @@ impl Subscriber {
         let mut backoff = BACKOFF_MIN;
         let mut failed_before = false;
         loop {
+            let started = tokio::time::Instant::now();
             let ended = self.session(failed_before).await;
             self.heard.names.lock().clear();
             self.health.set_down(ended.reason.clone());
             *self.publisher.lock().await = None;
             tracing::warn!(reason = %ended.reason, "redis backplane down; reconnecting");
             failed_before = true;
-            if ended.was_ready {
+            // Only a session that lasted starts the pauses short again: a Redis (or proxy)
+            // that takes connections and drops them must not cost every subscriber a gap
+            // frame every 100 ms.
+            if ended.was_ready && started.elapsed() >= STABLE_SESSION {
                 backoff = BACKOFF_MIN;
             }
             let jittered = rand::rng().random_range(backoff / 2..=backoff);
@@ -495,19 +508,27 @@ impl Subscriber {
     async fn follow_interest(&mut self, sink: &PubSubSink) -> Result<(), String> {
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
+        let mut kept = Vec::new();
         for topic in self.interest.take() {
             let redis_name = redis_name(&topic);
-            let wanted = self.holds.lock().contains_key(&redis_name)
+            // Out of `heard` before the registry is asked: a connection that subscribes after
+            // the answer must wait for the SUBSCRIBE its own mark brings, not be told it hears
+            // a name that is about to be unsubscribed.
+            let was_heard = self.heard.names.lock().remove(&redis_name);
+            let held = self.holds.lock().contains_key(&redis_name);
+            let wanted = held
                 || match &topic {
                     Topic::Channel(name) => self.registry.has_subscribers(name),
                     Topic::Client(id) => self.registry.has_client(id),
                 };
-            match (wanted, self.heard.contains(&redis_name)) {
+            match (wanted, was_heard) {
                 (true, false) => subscribe.push(redis_name),
+                (true, true) => kept.push(redis_name),
                 (false, true) => unsubscribe.push(redis_name),
-                _ => {}
+                (false, false) => {}
             }
         }
+        self.heard.extend(kept);
         for chunk in subscribe.chunks(SUBSCRIBE_PIPELINE) {
             self.command(sink, "SUBSCRIBE", chunk).await?;
         }
@@ -515,10 +536,6 @@ impl Subscriber {
             self.command(sink, "UNSUBSCRIBE", chunk).await?;
         }
         self.heard.extend(subscribe);
-        let mut heard = self.heard.names.lock();
-        for name in &unsubscribe {
-            heard.remove(name);
-        }
         Ok(())
     }
 
@@ -546,7 +563,8 @@ impl Subscriber {
     }
 
     /// Hands one message from Redis to this node's connections. A message that does not
-    /// decode is logged and dropped; only a stopped registry ends the session.
+    /// decode is logged and dropped, with a gap announced to its channel's subscribers; only
+    /// a stopped registry ends the session.
     async fn relay(&self, message: &Msg) -> Result<(), String> {
         let name = message.get_channel_name();
         let (route, with_offset) = if let Some(channel) = name.strip_prefix(CHANNEL_PREFIX) {
@@ -562,7 +580,17 @@ impl Subscriber {
             Ok(decoded) => decoded,
             Err(err) => {
                 tracing::warn!(%err, name, "dropping an undecodable message from redis");
-                return Ok(());
+                // Its subscribers missed a message: they are told so.
+                return match route {
+                    Route::Channel(channel) => {
+                        self.registry.metrics().broker_gaps.inc();
+                        self.registry
+                            .announce_gap(channel)
+                            .await
+                            .map_err(|err| err.to_string())
+                    }
+                    Route::Client(_) | Route::Broadcast => Ok(()),
+                };
             }
         };
         let delivered = match route {
