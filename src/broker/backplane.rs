@@ -42,6 +42,9 @@ pub const OFFSET_TTL_MS: u64 = 5 * 60 * 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest pause between two connection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a node renews the offset counters of the channels it subscribes to: well within
+/// [`OFFSET_TTL_MS`].
+const OFFSET_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long a subscriber session must have lasted for the next reconnect to start with the
 /// shortest pause again.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
@@ -321,31 +324,39 @@ impl Backplane {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, BrokerError> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(conn) = &*slot {
-            return Ok(conn.clone());
+        publisher_connection(&self.client, &self.publisher, self.timeout, &self.registry).await
+    }
+}
+
+/// The node's publisher connection: the open one, or a new one (kept for the next call).
+async fn publisher_connection(
+    client: &Client,
+    publisher: &PublisherSlot,
+    timeout: Duration,
+    registry: &Registry,
+) -> Result<MultiplexedConnection, BrokerError> {
+    let mut slot = publisher.lock().await;
+    if let Some(conn) = &*slot {
+        return Ok(conn.clone());
+    }
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let connect = client.get_multiplexed_async_connection_with_config(&config);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(conn)) => {
+            *slot = Some(conn.clone());
+            Ok(conn)
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
-        match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(conn)) => {
-                *slot = Some(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(err)) => {
-                self.registry.metrics().broker_publish_failures.inc();
-                Err(BrokerError::Unavailable(err.to_string()))
-            }
-            Err(_) => {
-                self.registry.metrics().broker_publish_failures.inc();
-                Err(BrokerError::Unavailable(
-                    "redis connect timed out".to_owned(),
-                ))
-            }
+        Ok(Err(err)) => {
+            registry.metrics().broker_publish_failures.inc();
+            Err(BrokerError::Unavailable(err.to_string()))
+        }
+        Err(_) => {
+            registry.metrics().broker_publish_failures.inc();
+            Err(BrokerError::Unavailable(
+                "redis connect timed out".to_owned(),
+            ))
         }
     }
 }
@@ -447,6 +458,8 @@ impl Subscriber {
         );
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.reset();
+        let mut keep_offsets = tokio::time::interval(OFFSET_KEEPALIVE);
+        keep_offsets.reset();
         loop {
             let outcome = tokio::select! {
                 message = stream.next() => match message {
@@ -454,6 +467,10 @@ impl Subscriber {
                     None => Err("the redis subscriber connection closed".to_owned()),
                 },
                 () = self.interest.changed() => self.follow_interest(&sink).await,
+                _ = keep_offsets.tick() => {
+                    self.keep_offsets().await;
+                    Ok(())
+                }
                 _ = ping.tick() => {
                     match tokio::time::timeout(self.timeout, sink.ping::<redis::Value>()).await {
                         // Also a backstop for a wake-up lost in a race: marks never wait
@@ -537,6 +554,40 @@ impl Subscriber {
         }
         self.heard.extend(subscribe);
         Ok(())
+    }
+
+    /// Renews the offset counters of the channels this node subscribes to, so that a channel
+    /// keeps counting while it has subscribers somewhere, as on one node. Best effort: a
+    /// failure is logged, and the next round (or a publish) renews them.
+    async fn keep_offsets(&self) {
+        let keys: Vec<String> = self
+            .heard
+            .names
+            .lock()
+            .iter()
+            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
+            .map(|channel| format!("{OFFSET_PREFIX}{channel}"))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let renewed = async {
+            let mut conn =
+                publisher_connection(&self.client, &self.publisher, self.timeout, &self.registry)
+                    .await
+                    .map_err(|err| err.to_string())?;
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.pexpire(key, OFFSET_TTL_MS as i64).ignore();
+            }
+            tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
+                .await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|err| err.to_string())
+        };
+        if let Err(err) = renewed.await {
+            tracing::warn!(%err, channels = keys.len(), "renewing offset counters failed");
+        }
     }
 
     /// Tells the subscribers of every channel subscribed again that messages may be missing.
