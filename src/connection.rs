@@ -87,7 +87,6 @@ pub fn spawn(
         broker: broker.clone(),
         id: registration.id,
         outbox: registration.outbox,
-        client_id: session.client_id,
         format: session.format,
         decoder: Decoder::new(max_message_bytes),
         read_buf: (!leftover.is_empty()).then(|| BytesMut::from(leftover)),
@@ -162,7 +161,6 @@ struct Connection {
     broker: Broker,
     id: ConnId,
     outbox: Arc<Outbox>,
-    client_id: Arc<str>,
     format: Format,
     decoder: Decoder,
     /// Bytes read and not yet decoded; `None` whenever no partial frame is pending.
@@ -433,9 +431,10 @@ impl Connection {
             }
             Request::Publish { channel, data } => {
                 let payload = Payload::Json(data.as_bytes());
+                let from = self.broker.registry().client_id(self.id)?;
                 match self
                     .broker
-                    .publish(&channel, Some(&self.client_id), payload)
+                    .publish(&channel, Some(&from), payload)
                     .await
                 {
                     Ok(published) => protocol::published_frame(
@@ -450,9 +449,10 @@ impl Connection {
             }
             Request::Send { to, data } => {
                 let payload = Payload::Json(data.as_bytes());
+                let from = self.broker.registry().client_id(self.id)?;
                 match self
                     .broker
-                    .send_to(&to, Some(&self.client_id), payload)
+                    .send_to(&to, Some(&from), payload)
                     .await
                 {
                     Ok(reach) if reach.count() == 0 => protocol::error_frame(
@@ -534,7 +534,8 @@ impl Connection {
             == Push::Overflowed
         {
             self.broker.registry().metrics().slow_consumer_drops.inc();
-            tracing::warn!(client_id = %self.client_id, "dropping slow consumer: its queue is full");
+            let client_id = self.broker.registry().client_id(self.id);
+            tracing::warn!(?client_id, "dropping slow consumer: its queue is full");
         }
     }
 
@@ -642,7 +643,6 @@ mod tests {
             broker: Broker::local(registry.clone()),
             id: registration.id,
             outbox: registration.outbox,
-            client_id: Arc::from("a"),
             format: Format::Json,
             decoder: Decoder::new(1024),
             read_buf: None,

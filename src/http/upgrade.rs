@@ -83,7 +83,8 @@ pub fn websocket(
         // welcome frame on.
         let _hold = match session.format {
             Format::Echo => None,
-            _ => broker.hold_for(&session.channels, &session.client_id).await,
+            // Boxed: the wait is cluster-only, and this task's size is paid per handshake.
+            _ => Box::pin(broker.hold_for(&session.channels, &session.client_id)).await,
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => connection::spawn(

@@ -276,6 +276,12 @@ impl Registry {
         self.with_entry(id, |state, key| state.conns[key as usize].expires_ms = at);
     }
 
+    /// The connection's client id (`None` once it is unregistered). Looked up rather than
+    /// kept by the connection task, which every idle connection would pay for.
+    pub fn client_id(&self, id: ConnId) -> Option<Arc<str>> {
+        self.with_entry(id, |state, key| Arc::clone(&state.conns[key as usize].client_id))
+    }
+
     /// The channels the connection is subscribed to.
     pub fn subscriptions(&self, id: ConnId) -> Vec<Arc<str>> {
         self.with_entry(id, |state, key| {
