@@ -63,7 +63,6 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace;
     let state = Arc::new(AppState {
-        registry: registry.clone(),
         broker,
         config,
         verifier,

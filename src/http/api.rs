@@ -69,7 +69,8 @@ pub async fn broadcast(
 /// `GET /api/channels`.
 pub fn channels(state: &AppState) -> Response<Full<Bytes>> {
     let channels: Vec<_> = state
-        .registry
+        .broker
+        .registry()
         .channels()
         .into_iter()
         .map(|(name, subscribers)| json!({"name": &*name, "subscribers": subscribers}))

@@ -37,7 +37,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::registry::Registry;
 
 pub use api::decode_segment;
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
@@ -46,9 +45,8 @@ pub use upgrade::parse_query;
 /// What every request handler needs.
 #[derive(Debug)]
 pub struct AppState {
-    /// The connection registry.
-    pub registry: Registry,
-    /// Where publishes go: the registry itself, or the Redis backplane in cluster mode.
+    /// Where publishes go (the registry itself, or the Redis backplane in cluster mode), and
+    /// the registry of this node's connections.
     pub broker: Broker,
     /// The server's configuration.
     pub config: Config,
@@ -122,12 +120,12 @@ async fn route(
         "/metrics" => {
             allow(&Method::GET, "GET")?;
             let mut response = text_response("text/plain; version=0.0.4; charset=utf-8", "");
-            *response.body_mut() = Full::new(Bytes::from(state.registry.render_metrics()));
+            *response.body_mut() = Full::new(Bytes::from(state.broker.registry().render_metrics()));
             Ok(response)
         }
         "/api/stats" => {
             allow(&Method::GET, "GET")?;
-            Ok(json_response(StatusCode::OK, &state.registry.stats()))
+            Ok(json_response(StatusCode::OK, &state.broker.registry().stats()))
         }
         "/api/broadcast" => {
             allow(&Method::POST, "POST")?;
