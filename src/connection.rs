@@ -432,11 +432,7 @@ impl Connection {
             Request::Publish { channel, data } => {
                 let payload = Payload::Json(data.as_bytes());
                 let from = self.broker.registry().client_id(self.id)?;
-                match self
-                    .broker
-                    .publish(&channel, Some(&from), payload)
-                    .await
-                {
+                match self.broker.publish(&channel, Some(&from), payload).await {
                     Ok(published) => protocol::published_frame(
                         id,
                         &channel,
@@ -450,11 +446,7 @@ impl Connection {
             Request::Send { to, data } => {
                 let payload = Payload::Json(data.as_bytes());
                 let from = self.broker.registry().client_id(self.id)?;
-                match self
-                    .broker
-                    .send_to(&to, Some(&from), payload)
-                    .await
-                {
+                match self.broker.send_to(&to, Some(&from), payload).await {
                     Ok(reach) if reach.count() == 0 => protocol::error_frame(
                         id,
                         "client_not_found",

@@ -125,7 +125,10 @@ async fn route(
         }
         "/api/stats" => {
             allow(&Method::GET, "GET")?;
-            Ok(json_response(StatusCode::OK, &state.broker.registry().stats()))
+            Ok(json_response(
+                StatusCode::OK,
+                &state.broker.registry().stats(),
+            ))
         }
         "/api/broadcast" => {
             allow(&Method::POST, "POST")?;

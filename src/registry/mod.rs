@@ -279,7 +279,9 @@ impl Registry {
     /// The connection's client id (`None` once it is unregistered). Looked up rather than
     /// kept by the connection task, which every idle connection would pay for.
     pub fn client_id(&self, id: ConnId) -> Option<Arc<str>> {
-        self.with_entry(id, |state, key| Arc::clone(&state.conns[key as usize].client_id))
+        self.with_entry(id, |state, key| {
+            Arc::clone(&state.conns[key as usize].client_id)
+        })
     }
 
     /// The channels the connection is subscribed to.
