@@ -14,10 +14,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-
-use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, ClientAuth};
 use crate::broker::{Broker, BrokerError};
@@ -604,7 +603,7 @@ impl Connection {
 
 /// The error frame for a publish or send the broker refused: `broker_unavailable` while Redis
 /// is down (the connection stays open), `unavailable` when the server is shutting down.
-fn broker_error_frame(id: Option<&serde_json::value::RawValue>, err: &BrokerError) -> Bytes {
+fn broker_error_frame(id: Option<&RawValue>, err: &BrokerError) -> Bytes {
     let code = match err {
         BrokerError::Unavailable(_) => "broker_unavailable",
         BrokerError::ShuttingDown => "unavailable",
