@@ -1,6 +1,6 @@
-//! JWT connection auth over real sockets: tokens signed here (HS256 with a secret, ES256 and
-//! RS256 with the test keys in tests/fixtures/jwt), every rejection reason, channel patterns,
-//! publish and send permissions, expiry and refresh.
+//! JWT connection auth over real sockets: tokens signed here (HS256 with a secret; ES256,
+//! RS256 and EdDSA with the test keys in tests/fixtures/jwt), every rejection reason, channel
+//! patterns, publish and send permissions, expiry and refresh.
 
 mod common;
 
@@ -18,6 +18,8 @@ const ES256_PRIVATE: &str = include_str!("fixtures/jwt/es256-private.pem");
 const ES256_PUBLIC: &str = include_str!("fixtures/jwt/es256-public.pem");
 const RS256_PRIVATE: &str = include_str!("fixtures/jwt/rs256-private.pem");
 const RS256_PUBLIC: &str = include_str!("fixtures/jwt/rs256-public.pem");
+const ED25519_PRIVATE: &str = include_str!("fixtures/jwt/ed25519-private.pem");
+const ED25519_PUBLIC: &str = include_str!("fixtures/jwt/ed25519-public.pem");
 
 fn now() -> i64 {
     jsonwebtoken::get_current_timestamp() as i64
@@ -277,6 +279,22 @@ async fn public_key_tokens_are_verified_and_key_confusion_is_refused() {
         (status, body["error"].as_str()),
         (401, Some("token_algorithm_not_allowed")),
         "an EC token is not checked with an RSA key"
+    );
+
+    let ed =
+        TestServer::start(Config::default().jwt_public_key(Some(ED25519_PUBLIC.to_owned()))).await;
+    let ed_key = EncodingKey::from_ed_pem(ED25519_PRIVATE.as_bytes()).unwrap();
+    let (_ws, id) = connect_with_header(
+        &ed,
+        "",
+        &signed(Algorithm::EdDSA, &ed_key, &claims("erin", json!({}))),
+    )
+    .await;
+    assert_eq!(id, "erin");
+    let (status, body) = upgrade(&ed, "", Some(&rs256(&claims("erin", json!({}))))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_algorithm_not_allowed"))
     );
 
     let both = TestServer::start(
