@@ -214,6 +214,8 @@ fn main() -> ExitCode {
     let cli = cli.serve;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Its default reports a failed log write with `eprintln!`, which panics when stderr is
         // gone (a closed pipe): a server must outlive its log reader.
         .log_internal_errors(false)
