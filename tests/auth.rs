@@ -259,6 +259,17 @@ async fn public_key_tokens_are_verified_and_key_confusion_is_refused() {
         (401, Some("token_bad_signature"))
     );
 
+    let es384 = unsigned(
+        &json!({"alg": "ES384", "typ": "JWT"}),
+        &claims("carol", json!({})),
+    );
+    let (status, body) = upgrade(&es, "", Some(&format!("{es384}AAAA"))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_algorithm_not_allowed")),
+        "a P-256 key verifies ES256 only"
+    );
+
     let rs =
         TestServer::start(Config::default().jwt_public_key(Some(RS256_PUBLIC.to_owned()))).await;
     let (_ws, id) = connect_with_header(&rs, "", &rs256(&claims("dave", json!({})))).await;

@@ -236,7 +236,10 @@ impl Verifier {
                     .or_else(|_| DecodingKey::from_ec_pem(pem))
                     .or_else(|_| DecodingKey::from_ed_pem(pem))
                     .map_err(|_| KeyError::BadPublicKey)?;
-                let validation = validation(key.family());
+                let mut validation = validation(key.family());
+                if let Some(curve) = ec_curve_algorithm(&key) {
+                    validation.algorithms = vec![curve];
+                }
                 Some(Key { key, validation })
             }
             None => None,
@@ -293,6 +296,21 @@ impl Verifier {
             return Err(AuthError::SubjectChanged);
         }
         Ok(grant)
+    }
+}
+
+/// The one algorithm an EC public key verifies, from the size of its point (P-256 for ES256,
+/// P-384 for ES384, uncompressed or compressed); `None` for other keys. Without it, a token
+/// naming the other curve's algorithm would be refused as malformed instead of as the wrong
+/// algorithm.
+fn ec_curve_algorithm(key: &DecodingKey) -> Option<Algorithm> {
+    if key.family() != AlgorithmFamily::Ec {
+        return None;
+    }
+    match key.as_bytes().len() {
+        65 | 33 => Some(Algorithm::ES256),
+        97 | 49 => Some(Algorithm::ES384),
+        _ => None,
     }
 }
 
