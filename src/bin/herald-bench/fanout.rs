@@ -641,10 +641,21 @@ async fn open_ws(
     shared: &Shared,
     local: &Local,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
-    let _permit = local.connect.acquire().await.map_err(io::Error::other)?;
-    let stream = ws::connect(url.addr, spread_source(url.addr, i, shared.spread), rcvbuf).await?;
+    let stream = open_tcp(url, i, rcvbuf, shared, local).await?;
     let leftover = ws::handshake(&stream, url, shared.handshake_timeout).await?;
     Ok((stream, leftover))
+}
+
+/// Connects (within the connect concurrency limit) from connection `i`'s source address.
+async fn open_tcp(
+    url: &Url,
+    i: usize,
+    rcvbuf: Option<u32>,
+    shared: &Shared,
+    local: &Local,
+) -> io::Result<TcpStream> {
+    let _permit = local.connect.acquire().await.map_err(io::Error::other)?;
+    ws::connect(url.addr, spread_source(url.addr, i, shared.spread), rcvbuf).await
 }
 
 /// Waits until the phase is at least `at_least`; returns the phase reached.
@@ -885,7 +896,21 @@ struct Sender<'a> {
     wake_reader: Notify,
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    /// A sender on `stream` with at most `cap` publishes in flight.
+    fn new(shared: &'a Shared, stream: &'a TcpStream, cap: usize) -> Self {
+        Self {
+            shared,
+            stream,
+            in_flight: Cell::new(0),
+            cap,
+            slot: Notify::new(),
+            kinds: RefCell::new(VecDeque::new()),
+            finished: Cell::new(false),
+            wake_reader: Notify::new(),
+        }
+    }
+
     /// Appends one publish (HTTP request or WebSocket frame) for `seq` stamped `stamp`.
     fn push(&self, out: &mut Vec<u8>, scratch: &mut Vec<u8>, seq: u64, stamp: u64) {
         scratch.clear();
@@ -1038,34 +1063,16 @@ async fn http_publisher(p: usize, cap: usize, shared: &Shared, local: &Local) {
     let Publish::Http(url) = &shared.publish else {
         return;
     };
-    let stream = {
-        let _permit = local.connect.acquire().await;
-        match ws::connect(
-            url.addr,
-            spread_source(url.addr, p + 7, shared.spread),
-            None,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                local.error("publish connect", &e);
-                shared.pub_failed.fetch_add(1, Relaxed);
-                return;
-            }
+    let stream = match open_tcp(url, p + 7, None, shared, local).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            local.error("publish connect", &e);
+            shared.pub_failed.fetch_add(1, Relaxed);
+            return;
         }
     };
     shared.pub_ready.fetch_add(1, Relaxed);
-    let sender = Sender {
-        shared,
-        stream: &stream,
-        in_flight: Cell::new(0),
-        cap,
-        slot: Notify::new(),
-        kinds: RefCell::new(VecDeque::new()),
-        finished: Cell::new(false),
-        wake_reader: Notify::new(),
-    };
+    let sender = Sender::new(shared, &stream, cap);
     let reader = async {
         let mut phase = shared.phase.subscribe();
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -1153,16 +1160,7 @@ async fn ws_publisher(p: usize, shared: &Shared, local: &Local) {
         }
     };
     shared.pub_ready.fetch_add(1, Relaxed);
-    let sender = Sender {
-        shared,
-        stream: &stream,
-        in_flight: Cell::new(0),
-        cap: usize::MAX,
-        slot: Notify::new(),
-        kinds: RefCell::new(VecDeque::new()),
-        finished: Cell::new(false),
-        wake_reader: Notify::new(),
-    };
+    let sender = Sender::new(shared, &stream, usize::MAX);
     let reader = async {
         let mut phase = shared.phase.subscribe();
         let mut scanner = FrameScanner::new();
