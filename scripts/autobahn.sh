@@ -27,7 +27,8 @@ if [[ ! -x "$AUTOBAHN/run.sh" ]]; then
 fi
 
 cargo build --release --bin herald
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+source scripts/lib.sh
+PORT="$(free_port)"
 mkdir -p "$REPORT"
 target/release/herald --listen "127.0.0.1:$PORT" --max-message-bytes 16777216 >"$REPORT/herald.log" 2>&1 &
 SERVER_PID=$!

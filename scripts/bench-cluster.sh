@@ -32,14 +32,7 @@ else
   THREADS=1
 fi
 
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "$port"; return 0; fi
-  done
-  echo "no free port found" >&2; return 1
-}
+source scripts/lib.sh
 
 PIDS=()
 OUT=$(mktemp -d -t herald-cluster.XXXXXX)

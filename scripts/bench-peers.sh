@@ -58,15 +58,7 @@ stop_server() {
 }
 trap stop_server EXIT
 
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    # Below the kernel's ephemeral range (32768-60999), so no client socket holds it.
-    port=$((20000 + RANDOM % 12000))
-    if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "$port"; return 0; fi
-  done
-  return 1
-}
+source scripts/lib.sh
 
 # start_server NAME PORT: sets SERVER_PID, SUB_URL, PUB_URL.
 start_server() {

@@ -8,14 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --bin herald --bin herald-bench
 started=$SECONDS
 
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "$port"; return 0; fi
-  done
-  echo "no free port found" >&2; return 1
-}
+source scripts/lib.sh
 
 PORT=$(free_port)
 LOG=$(mktemp -t herald-smoke.XXXXXX.log)

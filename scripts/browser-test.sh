@@ -39,9 +39,8 @@ cargo build --release --bin herald
 BIN="$ROOT/target/release/herald"
 
 # --- start two servers on free loopback ports: anonymous, and with JWT auth ------
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
+source scripts/lib.sh
+
 mkdir -p tests/browser/artifacts
 SERVER_PIDS=()
 SERVER_LOGS=()
