@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
@@ -17,6 +17,20 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts the server as `command` sets it up, logging at info level without colours, and
+/// returns it with its log pipe.
+fn start_logged(command: &mut Command) -> (Running, ChildStderr) {
+    let child = command
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let mut server = Running(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    (server, stderr)
 }
 
 #[test]
@@ -70,16 +84,11 @@ fn invalid_settings_exit_with_a_clear_message() {
 
 #[tokio::test]
 async fn env_configured_server_serves_and_exits_cleanly_on_sigterm() {
-    let child = Command::new(HERALD)
-        .env("HERALD_LISTEN", "127.0.0.1:0")
-        .env("HERALD_SHUTDOWN_GRACE", "2s")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let mut server = Running(child);
-    let stderr = server.0.stderr.take().expect("stderr");
+    let (mut server, stderr) = start_logged(
+        Command::new(HERALD)
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env("HERALD_SHUTDOWN_GRACE", "2s"),
+    );
     // The log pipe is closed once the address is read: the server must go on (and shut down
     // cleanly) without a reader for its log.
     let addr: SocketAddr = tokio::task::spawn_blocking(move || {
@@ -129,16 +138,11 @@ async fn env_configured_server_serves_and_exits_cleanly_on_sigterm() {
 /// Starts the binary with `args` and returns it, its address, and its log up to the first
 /// line that contains `until` (within [`common::WAIT`]).
 fn spawn_logged(args: &[&str], until: &str) -> (Running, SocketAddr, Vec<String>) {
-    let child = Command::new(HERALD)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let mut server = Running(child);
-    let stderr = server.0.stderr.take().expect("stderr");
+    let (server, stderr) = start_logged(
+        Command::new(HERALD)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     // Drains the log for the server's whole life, so it never blocks on a full pipe.
     std::thread::spawn(move || {
