@@ -524,9 +524,7 @@ impl Connection {
             .push(frame, self.broker.registry().queue_capacity())
             == Push::Overflowed
         {
-            self.broker.registry().metrics().slow_consumer_drops.inc();
-            let client_id = self.broker.registry().client_id(self.id);
-            tracing::warn!(?client_id, "dropping slow consumer: its queue is full");
+            self.broker.registry().slow_consumer_dropped(self.id);
         }
     }
 

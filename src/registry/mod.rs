@@ -284,6 +284,14 @@ impl Registry {
         })
     }
 
+    /// Counts and logs a connection dropped because a frame of its own (a reply) overflowed
+    /// its queue; deliveries and pings count theirs where they push.
+    pub fn slow_consumer_dropped(&self, id: ConnId) {
+        self.inner.metrics.slow_consumer_drops.inc();
+        let client_id = self.client_id(id);
+        shard::log_slow_consumer(client_id.as_deref().unwrap_or("?"), self.queue_capacity());
+    }
+
     /// The channels the connection is subscribed to.
     pub fn subscriptions(&self, id: ConnId) -> Vec<Arc<str>> {
         self.with_entry(id, |state, key| {

@@ -179,11 +179,7 @@ impl Fanout {
             }
             Push::Overflowed => {
                 self.overflowed += 1;
-                tracing::warn!(
-                    client_id = %entry.client_id,
-                    capacity,
-                    "dropping slow consumer: its queue is full"
-                );
+                log_slow_consumer(&entry.client_id, capacity);
             }
             Push::Closing => {}
         }
@@ -196,6 +192,16 @@ impl Fanout {
             .slow_consumer_drops
             .inc_by(std::mem::take(&mut self.overflowed));
     }
+}
+
+/// The one log line for a connection dropped because its queue overflowed (whatever frame
+/// overflowed it: a delivery, a ping or a reply); the caller counts it in the metrics.
+pub fn log_slow_consumer(client_id: &str, capacity: usize) {
+    tracing::warn!(
+        client_id,
+        capacity,
+        "dropping slow consumer: its queue is full"
+    );
 }
 
 /// One shard: its state and the sending side of its writer's queue.
@@ -292,6 +298,7 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
         let now = inner.clock.now_ms();
         let limits = &inner.limits;
         let mut pinged = Vec::new();
+        let mut overflowed = 0;
         let mut state = inner.shards[index].state.lock();
         for (_, entry) in state.conns.iter_mut() {
             let quiet = now.saturating_sub(entry.outbox.last_active_ms());
@@ -307,15 +314,21 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
                 && now.saturating_sub(entry.pinged_ms) >= limits.ping_interval_ms
             {
                 entry.pinged_ms = now;
-                let push = entry
+                match entry
                     .outbox
-                    .push(super::ping_frame(), limits.queue_capacity);
-                if push == (Push::Queued { first: true }) {
-                    pinged.push(Arc::clone(&entry.outbox));
+                    .push(super::ping_frame(), limits.queue_capacity)
+                {
+                    Push::Queued { first: true } => pinged.push(Arc::clone(&entry.outbox)),
+                    Push::Overflowed => {
+                        overflowed += 1;
+                        log_slow_consumer(&entry.client_id, limits.queue_capacity);
+                    }
+                    Push::Queued { first: false } | Push::Closing => {}
                 }
             }
         }
         drop(state);
+        inner.metrics.slow_consumer_drops.inc_by(overflowed);
         for outbox in pinged {
             outbox.flush(&inner.metrics);
         }
