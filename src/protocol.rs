@@ -7,12 +7,12 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::name::{self, NameError};
-use crate::ws::frame::{OpCode, frame_header};
+use crate::ws::frame::{OpCode, frame_header, header_len};
 
 /// The content of a message: how a publisher's bytes are carried to subscribers.
 #[derive(Debug, Clone, Copy)]
@@ -326,11 +326,15 @@ impl TextFrame {
     fn finish(mut self) -> Bytes {
         self.push_str("}");
         let json_len = self.buf.len() - HEADER_ROOM;
-        let mut header = Vec::with_capacity(HEADER_ROOM);
-        frame_header(OpCode::Text, json_len, &mut header);
-        let start = HEADER_ROOM - header.len();
-        self.buf[start..HEADER_ROOM].copy_from_slice(&header);
-        Bytes::from(self.buf).slice(start..)
+        let start = HEADER_ROOM - header_len(json_len);
+        frame_header(
+            OpCode::Text,
+            json_len,
+            &mut &mut self.buf[start..HEADER_ROOM],
+        );
+        let mut frame = Bytes::from(self.buf);
+        frame.advance(start);
+        frame
     }
 }
 

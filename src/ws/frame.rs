@@ -4,7 +4,7 @@
 //! server sends. It knows nothing about sockets: callers feed it bytes and
 //! write out what it produces.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::close::{CloseCode, CloseFrame};
 use super::mask::apply_mask;
@@ -423,28 +423,29 @@ pub fn header_len(payload_len: usize) -> usize {
     }
 }
 
-/// Appends the header of a final, unmasked server frame to `out`.
+/// Writes the header of a final, unmasked server frame to `out` ([`header_len`] bytes).
 ///
 /// Exists so callers can assemble header and payload in one buffer they own
-/// (for example, encoding a JSON payload straight after the header) without
-/// an intermediate copy. The minimal length encoding is used.
-pub fn frame_header(opcode: OpCode, payload_len: usize, out: &mut Vec<u8>) {
-    out.push(0x80 | opcode.as_u8());
+/// (for example, encoding a JSON payload straight after the header, or filling in
+/// room left in front of it) without an intermediate copy. The minimal length
+/// encoding is used.
+pub fn frame_header(opcode: OpCode, payload_len: usize, out: &mut impl BufMut) {
+    out.put_u8(0x80 | opcode.as_u8());
     write_length(payload_len, 0, out);
 }
 
-/// Appends the second header byte (with `mask_bit`) and the extended length.
-fn write_length(payload_len: usize, mask_bit: u8, out: &mut Vec<u8>) {
+/// Writes the second header byte (with `mask_bit`) and the extended length.
+fn write_length(payload_len: usize, mask_bit: u8, out: &mut impl BufMut) {
     match u16::try_from(payload_len) {
         // The match arm guarantees the value fits in 7 bits.
-        Ok(len @ 0..=125) => out.push(mask_bit | len as u8),
+        Ok(len @ 0..=125) => out.put_u8(mask_bit | len as u8),
         Ok(len) => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&len.to_be_bytes());
+            out.put_u8(mask_bit | 126);
+            out.put_u16(len);
         }
         Err(_) => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+            out.put_u8(mask_bit | 127);
+            out.put_u64(payload_len as u64);
         }
     }
 }
