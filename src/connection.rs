@@ -394,12 +394,10 @@ impl Connection {
                     return None;
                 }
                 Verdict::Exceeded => {
-                    return Some(Ending::Close {
-                        by: ClosedBy::ProtocolError,
-                        code: Some(CloseCode::POLICY_VIOLATION),
-                        reason: Cow::Borrowed("rate limit exceeded"),
-                        flush: true,
-                    });
+                    return Some(Ending::protocol(
+                        CloseCode::POLICY_VIOLATION,
+                        "rate limit exceeded",
+                    ));
                 }
             }
         }

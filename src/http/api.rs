@@ -24,8 +24,7 @@ pub async fn publish(
     let channel = decode_segment(channel);
     name::validate(&channel).map_err(HttpError::InvalidChannel)?;
     let (body, declared_json) = read_body(req, &state.config).await?;
-    let payload = Payload::from_body(&body, declared_json)
-        .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
+    let payload = Payload::from_body(&body, declared_json)?;
     let published = state.broker.publish(&channel, None, payload).await?;
     let mut reply = json!({"channel": channel, "offset": published.offset});
     reply[published.reach.field("subscribers")] = published.reach.count().into();
@@ -41,8 +40,7 @@ pub async fn send(
     let client_id = decode_segment(client_id);
     name::validate(&client_id).map_err(HttpError::InvalidClientId)?;
     let (body, declared_json) = read_body(req, &state.config).await?;
-    let payload = Payload::from_body(&body, declared_json)
-        .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
+    let payload = Payload::from_body(&body, declared_json)?;
     let reach = state.broker.send_to(&client_id, None, payload).await?;
     if reach.count() == 0 {
         return Err(HttpError::ClientNotFound(client_id.into_owned()));
@@ -58,8 +56,7 @@ pub async fn broadcast(
     state: &Arc<AppState>,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let (body, declared_json) = read_body(req, &state.config).await?;
-    let payload = Payload::from_body(&body, declared_json)
-        .map_err(|err| HttpError::InvalidJson(err.to_string()))?;
+    let payload = Payload::from_body(&body, declared_json)?;
     let reach = state.broker.broadcast(payload).await?;
     let mut reply = json!({});
     reply[reach.field("connections")] = reach.count().into();

@@ -10,6 +10,7 @@ use hyper::{Response, StatusCode};
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::name::NameError;
+use crate::protocol::PayloadError;
 use crate::ws::handshake::HandshakeError;
 
 /// A failed HTTP request. Each variant maps to one status code and one stable error code; the
@@ -85,6 +86,12 @@ pub enum HttpError {
     /// Cluster mode, and Redis is down: the message would go nowhere.
     #[error("{0}")]
     BrokerUnavailable(String),
+}
+
+impl From<PayloadError> for HttpError {
+    fn from(err: PayloadError) -> Self {
+        HttpError::InvalidJson(err.to_string())
+    }
 }
 
 impl From<BrokerError> for HttpError {

@@ -119,9 +119,10 @@ async fn route(
         }
         "/metrics" => {
             allow(&Method::GET, "GET")?;
-            let mut response = text_response("text/plain; version=0.0.4; charset=utf-8", "");
-            *response.body_mut() = Full::new(Bytes::from(state.broker.registry().render_metrics()));
-            Ok(response)
+            Ok(text_response(
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.broker.registry().render_metrics(),
+            ))
         }
         "/api/stats" => {
             allow(&Method::GET, "GET")?;
@@ -166,8 +167,8 @@ fn check_head_size<B>(req: &Request<B>) -> Result<(), HttpError> {
     Ok(())
 }
 
-fn text_response(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
