@@ -82,34 +82,31 @@ impl ChannelTable {
 
     /// Every channel with at least one subscriber, with its subscriber count, sorted by name.
     pub fn list(&self) -> Vec<(Arc<str>, u64)> {
-        let mut channels: Vec<_> = self
-            .stripes
-            .iter()
-            .flat_map(|stripe| {
+        let mut channels = Vec::new();
+        for stripe in self.stripes.iter() {
+            channels.extend(
                 stripe
                     .lock()
                     .iter()
                     .filter(|(_, state)| state.subscribers > 0)
-                    .map(|(name, state)| (Arc::clone(name), state.subscribers))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+                    .map(|(name, state)| (Arc::clone(name), state.subscribers)),
+            );
+        }
         channels.sort_unstable();
         channels
     }
 
-    /// How many channels have at least one subscriber.
-    pub fn active(&self) -> usize {
-        self.stripes
-            .iter()
-            .map(|stripe| {
-                stripe
-                    .lock()
-                    .values()
-                    .filter(|state| state.subscribers > 0)
-                    .count()
-            })
-            .sum()
+    /// How many channels have at least one subscriber, and how many subscriptions there are
+    /// over all channels, in one pass.
+    pub fn usage(&self) -> (usize, u64) {
+        let (mut channels, mut subscriptions) = (0, 0);
+        for stripe in self.stripes.iter() {
+            for state in stripe.lock().values() {
+                channels += usize::from(state.subscribers > 0);
+                subscriptions += state.subscribers;
+            }
+        }
+        (channels, subscriptions)
     }
 
     /// Forgets channels without subscribers that nobody touched for [`RETENTION_MS`].

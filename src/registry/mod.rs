@@ -319,12 +319,9 @@ impl Registry {
             if ShardState::index_remove(&mut state.clients, &entry.client_id, key) {
                 self.mark(|| Topic::Client(Arc::clone(&entry.client_id)));
             }
-            entry.subscriptions.len()
         });
-        if let Some(subscriptions) = removed {
-            let inner = &*self.inner;
-            inner.metrics.subscriptions.sub(subscriptions as i64);
-            inner.live.fetch_sub(1, Ordering::Relaxed);
+        if removed.is_some() {
+            self.inner.live.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -356,7 +353,6 @@ impl Registry {
             if self.inner.channels.count_subscriber(&channel, raw, 1, now) {
                 self.mark(|| Topic::Channel(Arc::clone(&channel)));
             }
-            self.inner.metrics.subscriptions.inc();
             Ok(true)
         })
         .unwrap_or(Err(SubscribeError::Gone))
@@ -376,7 +372,6 @@ impl Registry {
             if self.inner.channels.count_subscriber(&channel, raw, -1, now) {
                 self.mark(|| Topic::Channel(Arc::clone(&channel)));
             }
-            self.inner.metrics.subscriptions.dec();
             true
         })
         .unwrap_or(false)
@@ -430,9 +425,8 @@ impl Registry {
             // Handed to the writers while the stripe is locked: that is what keeps each
             // channel's offsets in order on every connection.
             if state.subscribers > 0 {
-                let raw = (state.raw_subscribers > 0).then(|| raw_frame(payload));
-                let json = protocol::message_frame(channel, receipt.offset, from, payload);
-                let delivery = Arc::new(Delivery::new(Some(name), json, raw));
+                let raw = state.raw_subscribers > 0;
+                let delivery = message_delivery(name, receipt.offset, from, payload, raw);
                 for permit in permits {
                     permit.send(Arc::clone(&delivery));
                 }
@@ -457,12 +451,11 @@ impl Registry {
         payload: Payload<'_>,
     ) -> Result<(), PublishError> {
         let (subscribed, raw) = self.inner.channels.subscribed(channel);
-        if subscribed {
-            let raw = raw.then(|| raw_frame(payload));
-            let json = protocol::message_frame(channel, offset, from, payload);
-            self.deliver_to_channel(channel, json, raw).await?;
+        if !subscribed {
+            return Ok(());
         }
-        Ok(())
+        let delivery = message_delivery(Arc::from(channel), offset, from, payload, raw);
+        self.to_every_writer(delivery).await
     }
 
     /// Tells every json subscriber of `channel` on this node that messages may have been
@@ -472,19 +465,9 @@ impl Registry {
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
     pub async fn announce_gap(&self, channel: &str) -> Result<(), PublishError> {
-        self.deliver_to_channel(channel, protocol::gap_frame(channel), None)
+        let gap = protocol::gap_frame(channel);
+        self.to_every_writer(Arc::new(Delivery::new(Some(Arc::from(channel)), gap, None)))
             .await
-    }
-
-    async fn deliver_to_channel(
-        &self,
-        channel: &str,
-        json: Bytes,
-        raw: Option<Bytes>,
-    ) -> Result<(), PublishError> {
-        let delivery = Arc::new(Delivery::new(Some(Arc::from(channel)), json, raw));
-        self.to_every_writer(delivery).await?;
-        Ok(())
     }
 
     /// Whether `channel` has a subscriber on this node.
@@ -629,7 +612,9 @@ impl Registry {
     pub fn render_metrics(&self) -> String {
         let metrics = &self.inner.metrics;
         metrics.connections.set(self.len() as i64);
-        metrics.channels.set(self.inner.channels.active() as i64);
+        let (channels, subscriptions) = self.inner.channels.usage();
+        metrics.channels.set(channels as i64);
+        metrics.subscriptions.set(subscriptions as i64);
         metrics.render()
     }
 
@@ -645,6 +630,20 @@ impl Registry {
             slow_consumer_drops: metrics.slow_consumer_drops.get(),
         }
     }
+}
+
+/// One channel message for the shard writers: the JSON envelope, and the raw frame when the
+/// channel has `format=raw` subscribers.
+fn message_delivery(
+    channel: Arc<str>,
+    offset: u64,
+    from: Option<&str>,
+    payload: Payload<'_>,
+    raw: bool,
+) -> Arc<Delivery> {
+    let raw = raw.then(|| raw_frame(payload));
+    let json = protocol::message_frame(&channel, offset, from, payload);
+    Arc::new(Delivery::new(Some(channel), json, raw))
 }
 
 /// The frame a `format=raw` connection gets: the payload bytes, in a text frame when UTF-8.
