@@ -1252,13 +1252,19 @@ fn parse_response(b: &[u8]) -> Result<Option<(usize, u16)>, String> {
                 };
                 return Ok(Some((at + end + 2, status)));
             }
-            if b.len() < at + size + 2 {
+            let next = at
+                .checked_add(size)
+                .and_then(|end| end.checked_add(2))
+                .ok_or("bad chunk size")?;
+            if b.len() < next {
                 return Ok(None);
             }
-            at += size + 2;
+            at = next;
         }
     }
-    let total = body + length.unwrap_or(0);
+    let total = body
+        .checked_add(length.unwrap_or(0))
+        .ok_or("bad content-length")?;
     Ok((b.len() >= total).then_some((total, status)))
 }
 
@@ -1274,5 +1280,13 @@ mod tests {
         let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
         assert_eq!(parse_response(c).unwrap(), Some((c.len(), 200)));
         assert_eq!(parse_response(&c[..c.len() - 1]).unwrap(), None);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors_not_panics() {
+        let chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nok";
+        assert!(parse_response(chunk).is_err());
+        let length = b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n";
+        assert!(parse_response(length).is_err());
     }
 }
