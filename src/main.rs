@@ -315,3 +315,20 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags repeat the library's defaults (clap shows them in `--help`); they must not
+    /// drift apart.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["herald"]).expect("no flags parse");
+        let from_flags = cli.serve.config().expect("defaults are a config");
+        assert_eq!(
+            format!("{from_flags:?}"),
+            format!("{:?}", Config::default())
+        );
+    }
+}
