@@ -410,7 +410,7 @@ impl Connection {
                 match self.broker.registry().subscribe(self.id, &channel) {
                     Ok(_) => {
                         // Cluster mode: `subscribed` means messages from every node reach it.
-                        self.broker.until_heard(&[&channel], None).await;
+                        self.broker.until_heard(&channel).await;
                         protocol::subscription_frame(true, id, &channel)
                     }
                     Err(err @ SubscribeError::TooMany(_)) => {

@@ -101,6 +101,16 @@ impl Heard {
     fn contains(&self, name: &str) -> bool {
         self.names.lock().contains(name)
     }
+
+    /// The Herald channels among the names.
+    fn channels(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .iter()
+            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// Redis channel names held subscribed for connections about to register, with how many
@@ -132,11 +142,21 @@ impl Drop for Hold {
     }
 }
 
+/// The Redis pub/sub channel of a Herald channel.
+pub fn channel_name(channel: &str) -> String {
+    format!("{CHANNEL_PREFIX}{channel}")
+}
+
+/// The Redis pub/sub channel of a client id's direct sends.
+pub fn client_name(client_id: &str) -> String {
+    format!("{CLIENT_PREFIX}{client_id}")
+}
+
 /// The Redis channel name of a topic.
 fn redis_name(topic: &Topic) -> String {
     match topic {
-        Topic::Channel(name) => format!("{CHANNEL_PREFIX}{name}"),
-        Topic::Client(id) => format!("{CLIENT_PREFIX}{id}"),
+        Topic::Channel(name) => channel_name(name),
+        Topic::Client(id) => client_name(id),
     }
 }
 
@@ -230,24 +250,21 @@ impl Backplane {
             interest: Arc::clone(&self.interest),
             topics,
         };
-        if !self.until_heard(&names).await {
-            tracing::debug!(?names, "redis subscriptions not confirmed in time");
-        }
+        self.until_heard(&names).await;
         hold
     }
 
     /// Waits until every one of `names` (Redis channel names) is subscribed on the subscriber
     /// connection, so that messages other nodes publish to them from now on reach this node;
     /// gives up at once while Redis is down and after the Redis timeout otherwise (the
-    /// subscription is made, and a gap announced, once Redis is back). Returns whether they
-    /// all are.
-    pub async fn until_heard(&self, names: &[String]) -> bool {
+    /// subscription is made, and a gap announced, once Redis is back).
+    pub async fn until_heard(&self, names: &[String]) {
         if self.readiness().is_err() {
             // Redis is down: waiting would only stall the client, and the gap announced when
             // it is back covers what it misses meanwhile.
-            return false;
+            return;
         }
-        tokio::time::timeout(self.timeout, async {
+        let heard = tokio::time::timeout(self.timeout, async {
             loop {
                 let added = self.heard.added.notified();
                 if names.iter().all(|name| self.heard.contains(name)) {
@@ -256,8 +273,10 @@ impl Backplane {
                 added.await;
             }
         })
-        .await
-        .is_ok()
+        .await;
+        if heard.is_err() {
+            tracing::debug!(?names, "redis subscriptions not confirmed in time");
+        }
     }
 
     /// `Ok` while subscribed in Redis; otherwise why not.
@@ -282,7 +301,7 @@ impl Backplane {
         let mut conn = self.connection().await?;
         let mut invocation = self.script.key(format!("{OFFSET_PREFIX}{channel}"));
         invocation
-            .arg(format!("{CHANNEL_PREFIX}{channel}"))
+            .arg(channel_name(channel))
             .arg(body)
             .arg(OFFSET_TTL_MS);
         let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
@@ -428,13 +447,13 @@ impl Subscriber {
             self.registry
                 .channels()
                 .into_iter()
-                .map(|(name, _)| format!("{CHANNEL_PREFIX}{name}")),
+                .map(|(name, _)| channel_name(&name)),
         );
         wanted.extend(
             self.registry
                 .client_ids()
                 .into_iter()
-                .map(|id| format!("{CLIENT_PREFIX}{id}")),
+                .map(|id| client_name(&id)),
         );
         wanted.extend(self.holds.lock().keys().cloned());
         wanted.sort_unstable();
@@ -562,10 +581,8 @@ impl Subscriber {
     async fn keep_offsets(&self) {
         let keys: Vec<String> = self
             .heard
-            .names
-            .lock()
+            .channels()
             .iter()
-            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
             .map(|channel| format!("{OFFSET_PREFIX}{channel}"))
             .collect();
         if keys.is_empty() {
@@ -592,14 +609,7 @@ impl Subscriber {
 
     /// Tells the subscribers of every channel subscribed again that messages may be missing.
     async fn announce_gaps(&self) -> Result<(), String> {
-        let channels: Vec<String> = self
-            .heard
-            .names
-            .lock()
-            .iter()
-            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
-            .map(str::to_owned)
-            .collect();
+        let channels = self.heard.channels();
         for channel in &channels {
             self.registry
                 .announce_gap(channel)

@@ -16,7 +16,7 @@ use crate::protocol::Payload;
 use crate::registry::{Interest, PublishError, Registry, Topic};
 
 pub use backplane::Hold;
-use backplane::{BROADCAST_CHANNEL, Backplane, CHANNEL_PREFIX, CLIENT_PREFIX};
+use backplane::{BROADCAST_CHANNEL, Backplane};
 
 /// Why a message could not be handed on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,21 +125,14 @@ impl Broker {
             .map_or(Ok(()), |backplane| backplane.readiness())
     }
 
-    /// Waits until this node hears what other nodes publish to `channels` and send to
-    /// `client_id` (cluster mode: until its Redis subscriptions for them are confirmed, at most
-    /// the Redis timeout), so that a client told it is subscribed misses nothing published
-    /// after that. Returns at once in local mode.
-    pub async fn until_heard(&self, channels: &[&str], client_id: Option<&str>) {
-        let Some(backplane) = &self.backplane else {
-            return;
-        };
-        let names: Vec<String> = channels
-            .iter()
-            .map(|channel| format!("{CHANNEL_PREFIX}{channel}"))
-            .chain(client_id.map(|id| format!("{CLIENT_PREFIX}{id}")))
-            .collect();
-        if !backplane.until_heard(&names).await {
-            tracing::debug!(?names, "redis subscriptions not confirmed in time");
+    /// Waits until this node hears what other nodes publish to `channel` (cluster mode: until
+    /// its Redis subscription is confirmed, at most the Redis timeout), so that a client told
+    /// it is subscribed misses nothing published after that. Returns at once in local mode.
+    pub async fn until_heard(&self, channel: &str) {
+        if let Some(backplane) = &self.backplane {
+            backplane
+                .until_heard(&[backplane::channel_name(channel)])
+                .await;
         }
     }
 
@@ -205,7 +198,7 @@ impl Broker {
             Some(backplane) => {
                 let body = wire::encode_body(from, payload);
                 let nodes = backplane
-                    .publish_plain(&format!("{CLIENT_PREFIX}{client_id}"), body)
+                    .publish_plain(&backplane::client_name(client_id), body)
                     .await?;
                 Ok(Reach::Nodes(nodes))
             }
