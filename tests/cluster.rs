@@ -146,6 +146,21 @@ async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
     for ws in [&mut b1, &mut b2, &mut c1] {
         expect_silence(ws, Duration::from_millis(200)).await;
     }
+
+    // The offset counter lives in Redis, and expires (5 minutes after the last publish).
+    let counter = redis
+        .command(&["GET", "herald:offset:news"])
+        .expect("redis answers");
+    assert!(counter.ends_with("91\r\n"), "{counter:?}");
+    let ttl = redis
+        .command(&["PTTL", "herald:offset:news"])
+        .expect("redis answers");
+    let ttl: i64 = ttl
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .expect("PTTL is a number");
+    assert!((1..=300_000).contains(&ttl), "offset counter TTL {ttl} ms");
 }
 
 #[tokio::test]
