@@ -22,14 +22,13 @@ RUNS="${RUNS:-3}"
 command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
 cargo build --release --bin herald --bin herald-bench >/dev/null 2>&1
 
+THREADS=1
 if [ "$(nproc)" -ge 2 ]; then
   SERVER_CPU=(taskset -c 0)
   BENCH_CPU=(taskset -c 1)
-  THREADS=1
 else
   SERVER_CPU=()
   BENCH_CPU=()
-  THREADS=1
 fi
 
 source scripts/lib.sh

@@ -67,10 +67,7 @@ start_server() {
     taskset -c "$SERVER_CPU" target/release/herald --listen "127.0.0.1:$port" --shards 1 --client-publish-rate 0 \
       >"$LOG_DIR/herald-$port.log" 2>&1 &
     SERVER_PID=$!
-    for _ in $(seq 1 100); do
-      (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-      sleep 0.1
-    done
+    wait_port "$port" "$SERVER_PID" "$LOG_DIR/herald-$port.log"
     SUB_URL="ws://127.0.0.1:$port/ws?channels=bench"
     PUB_URL="http://127.0.0.1:$port/api/publish/bench"
     ECHO_URL="ws://127.0.0.1:$port/echo"

@@ -23,11 +23,7 @@ cleanup() {
   rm -rf "$OUT"
 }
 trap cleanup EXIT
-for _ in $(seq 1 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break
-  kill -0 "$SERVER" 2>/dev/null || { echo "herald exited early:"; cat "$LOG"; exit 1; }
-  sleep 0.1
-done
+wait_port "$PORT" "$SERVER" "$LOG"
 
 H=127.0.0.1:$PORT
 BENCH=(target/release/herald-bench --json --quiet --timeout 40s --server-pid "$SERVER")
