@@ -43,11 +43,16 @@ pub struct Config {
     /// of as many; 0 for no limit. Default 50: plenty for a chat client, and a flooding client
     /// cannot make the server fan out more than that on its behalf.
     pub client_publish_rate: u32,
-    /// Keys that authorize `/api/*` requests (`Authorization: Bearer <key>`). Default none, in
-    /// which case `/api/*` answers only clients on a loopback address.
+    /// Keys that authorize `/api/*` and `/metrics` requests (`Authorization: Bearer <key>`).
+    /// Default none, in which case those routes answer only clients on a loopback address that
+    /// did not come through a proxy.
     pub api_keys: Vec<String>,
-    /// Browser origins allowed to open WebSockets (`*` for any). Default empty: only pages
-    /// served from the same host as the request (and clients that send no `Origin`).
+    /// Serve `/metrics` to anyone, without a key. Default off: metrics follow the `/api/*`
+    /// rule, since they tell outsiders how many clients and channels a server has.
+    pub public_metrics: bool,
+    /// Browser origins allowed to open WebSockets besides the server's own host (`*` for any),
+    /// each `scheme://host[:port]`. Default empty: only pages served from the same host as the
+    /// request (Herald's demo page among them), and clients that send no `Origin`.
     pub allowed_origins: Vec<String>,
     /// HMAC secret (HS256/384/512) that signs client tokens. With it or
     /// [`Config::jwt_public_key`], `/ws` needs a token; with neither, clients are anonymous.
@@ -88,6 +93,7 @@ impl fmt::Debug for Config {
                 "api_keys",
                 &format_args!("[{} redacted]", self.api_keys.len()),
             )
+            .field("public_metrics", &self.public_metrics)
             .field("allowed_origins", &self.allowed_origins)
             .field(
                 "jwt_secret",
@@ -118,6 +124,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             client_publish_rate: 50,
             api_keys: Vec::new(),
+            public_metrics: false,
             allowed_origins: Vec::new(),
             jwt_secret: None,
             jwt_public_key: None,
@@ -140,11 +147,22 @@ pub enum ConfigError {
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
     /// The Redis URL cannot be parsed.
-    #[error("invalid redis URL: {0}")]
+    #[error("invalid --redis URL: {0}; expected redis://host:port/ (e.g. redis://127.0.0.1:6379/)")]
     RedisUrl(String),
     /// An API key is the empty string, which would let anyone in.
     #[error("an api-key must not be empty")]
     EmptyApiKey,
+    /// An `--allowed-origins` entry that no browser `Origin` can ever match.
+    #[error(
+        "invalid --allowed-origins entry {origin:?}: {reason}; an origin is scheme://host[:port], \
+         e.g. https://app.example.com or http://localhost:3000 (or * for any)"
+    )]
+    InvalidOrigin {
+        /// The entry as configured.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The JWT secret or public key cannot be used.
     #[error("{0}")]
     Jwt(#[from] crate::auth::KeyError),
@@ -226,6 +244,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::public_metrics`].
+    pub fn public_metrics(mut self, public: bool) -> Self {
+        self.public_metrics = public;
+        self
+    }
+
     /// Sets [`Config::allowed_origins`].
     pub fn allowed_origins(mut self, origins: Vec<String>) -> Self {
         self.allowed_origins = origins;
@@ -301,11 +325,18 @@ impl Config {
             }
         }
         if let Some(url) = &self.redis {
-            redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|err| ConfigError::RedisUrl(err.to_string()))?;
+            redis_address(url)?;
         }
         if self.api_keys.iter().any(String::is_empty) {
             return Err(ConfigError::EmptyApiKey);
+        }
+        for origin in &self.allowed_origins {
+            crate::http::parse_allowed_origin(origin).map_err(|reason| {
+                ConfigError::InvalidOrigin {
+                    origin: origin.clone(),
+                    reason,
+                }
+            })?;
         }
         crate::auth::Verifier::from_config(self)?;
         if self.idle_timeout <= self.ping_interval {
@@ -315,6 +346,88 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// The address part of a Redis URL (`host:port` or a socket path), which may be logged: the
+/// URL itself can carry a password.
+///
+/// # Errors
+/// [`ConfigError::RedisUrl`] when the URL cannot be used, without echoing a URL that holds a
+/// password.
+pub fn redis_address(url: &str) -> Result<String, ConfigError> {
+    let shown = if url.contains('@') {
+        "(the URL, not shown: it holds a password)".to_owned()
+    } else {
+        format!("{url:?}")
+    };
+    if !url.contains("://") {
+        return Err(ConfigError::RedisUrl(format!("{shown} has no scheme")));
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|info| info.addr().to_string())
+        .map_err(|err| ConfigError::RedisUrl(format!("{shown}: {err}")))
+}
+
+/// The settings a server runs with, one `key=value` pair after another for the start-up log:
+/// what an operator checks first when something is refused. Secrets are never shown.
+#[derive(Debug)]
+pub struct Summary<'a>(&'a Config);
+
+impl Config {
+    /// The effective settings, for the start-up log (see [`Summary`]).
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = self.0;
+        let clients = match (&config.jwt_secret, &config.jwt_public_key) {
+            (None, None) => "anonymous",
+            (Some(_), None) => "jwt (hmac secret)",
+            (None, Some(_)) => "jwt (public key)",
+            (Some(_), Some(_)) => "jwt (hmac secret and public key)",
+        };
+        write!(f, "clients={clients}")?;
+        match config.api_keys.len() {
+            0 => write!(f, " api=loopback-only")?,
+            keys => write!(f, " api=api-key ({keys} configured)")?,
+        }
+        let metrics = if config.public_metrics {
+            "public"
+        } else {
+            "like-api"
+        };
+        write!(f, " metrics={metrics}")?;
+        if config.allowed_origins.iter().any(|origin| origin == "*") {
+            write!(f, " origins=any")?;
+        } else if config.allowed_origins.is_empty() {
+            write!(f, " origins=same-host")?;
+        } else {
+            write!(f, " origins=same-host,{}", config.allowed_origins.join(","))?;
+        }
+        match &config.redis {
+            None => write!(f, " broker=memory")?,
+            Some(url) => {
+                let address = redis_address(url).unwrap_or_else(|_| "<invalid>".to_owned());
+                write!(f, " broker=redis({address})")?;
+            }
+        }
+        write!(
+            f,
+            " shards={} queue_capacity={} max_message_bytes={} max_connections={} \
+             max_subscriptions={} client_publish_rate={} ping_interval={:?} idle_timeout={:?}",
+            config.shards,
+            config.queue_capacity,
+            config.max_message_bytes,
+            config.max_connections,
+            config.max_subscriptions,
+            config.client_publish_rate,
+            config.ping_interval,
+            config.idle_timeout,
+        )
     }
 }
 
@@ -375,6 +488,61 @@ mod tests {
                 .validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn rejects_origins_that_can_never_match() {
+        let config = Config::default()
+            .allowed_origins(vec!["https://a.example".into(), "example.com".into()]);
+        let err = config.validate().expect_err("no scheme");
+        assert!(
+            matches!(&err, ConfigError::InvalidOrigin { origin, .. } if origin == "example.com"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"example.com\""), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_need_a_scheme_and_passwords_stay_hidden() {
+        let no_scheme = Config::default().redis(Some("127.0.0.1:6379".into()));
+        let err = no_scheme.validate().expect_err("no scheme").to_string();
+        assert!(err.contains("redis://host:port/"), "{err}");
+        let with_password = Config::default().redis(Some("redis//:hunter2@host:6379".into()));
+        let err = with_password.validate().expect_err("no scheme").to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            redis_address("redis://:hunter2@10.1.2.3:6380/").as_deref(),
+            Ok("10.1.2.3:6380")
+        );
+    }
+
+    #[test]
+    fn summary_names_the_modes_and_no_secret() {
+        let config = Config::default()
+            .api_keys(vec!["key-one".into()])
+            .jwt_secret(Some("jwt-secret-jwt-secret-jwt-secret-!".into()))
+            .redis(Some("redis://:hunter2@127.0.0.1:6379/".into()))
+            .allowed_origins(vec!["https://a.example".into()]);
+        let summary = config.summary().to_string();
+        for part in [
+            "clients=jwt (hmac secret)",
+            "api=api-key (1 configured)",
+            "metrics=like-api",
+            "origins=same-host,https://a.example",
+            "broker=redis(127.0.0.1:6379)",
+            "queue_capacity=1024",
+        ] {
+            assert!(summary.contains(part), "{part} in {summary}");
+        }
+        for secret in ["key-one", "jwt-secret", "hunter2"] {
+            assert!(!summary.contains(secret), "{secret} in {summary}");
+        }
+        let summary = Config::default().summary().to_string();
+        assert!(
+            summary.contains("clients=anonymous api=loopback-only"),
+            "{summary}"
+        );
+        assert!(summary.contains("broker=memory"), "{summary}");
     }
 
     #[test]

@@ -39,13 +39,13 @@ struct TokenArgs {
     #[arg(long)]
     sub: String,
     /// Channel patterns the client may subscribe to, comma-separated (`news`, `user:42:*`, `*`).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = list_item)]
     channels: Vec<String>,
     /// Channel patterns the client may publish to from its socket.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = list_item)]
     publish: Vec<String>,
     /// Client-id patterns the client may send direct messages to.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = list_item)]
     send: Vec<String>,
     /// How long the token is valid (e.g. 1h, 15m).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -72,8 +72,9 @@ enum HmacAlgorithm {
 /// Serving: every limit and key.
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to listen on: IP:PORT or HOST:PORT (a host name is resolved once, at start-up),
+    /// e.g. 127.0.0.1:8080, 0.0.0.0:8080, localhost:8080, [::1]:8080.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080", value_parser = listen_address)]
     listen: SocketAddr,
     /// Registry shards, each with its own writer task [default: number of CPUs].
     #[arg(long, env = "HERALD_SHARDS")]
@@ -102,19 +103,24 @@ struct ServeArgs {
     /// Publishes per second one WebSocket client may make (bursts of as many; 0: no limit).
     #[arg(long, env = "HERALD_CLIENT_PUBLISH_RATE", default_value_t = 50)]
     client_publish_rate: u32,
-    /// Key that authorizes publish API requests (`Authorization: Bearer <key>`); repeat the
-    /// flag (or separate with commas in the variable) for several. Without one, /api/* answers
-    /// loopback clients only.
+    /// Key that authorizes /api/* and /metrics requests (`Authorization: Bearer <key>`); repeat
+    /// the flag or separate keys with commas for several. Without one, /api/* and /metrics
+    /// answer only clients on this machine that do not come through a proxy.
     #[arg(
         long = "api-key",
         env = "HERALD_API_KEY",
         value_delimiter = ',',
+        value_parser = list_item,
         hide_env_values = true
     )]
     api_keys: Vec<String>,
-    /// Browser origins allowed to open WebSockets, comma-separated (`*`: any). Default: only
-    /// pages from the same host, and clients that send no Origin.
-    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    /// Serve /metrics to anyone, without an API key (for a scraper that cannot send one).
+    #[arg(long, env = "HERALD_PUBLIC_METRICS")]
+    public_metrics: bool,
+    /// Browser origins allowed to open WebSockets besides the server's own host,
+    /// comma-separated, each scheme://host[:port] (`*`: any). Pages from the same host (the
+    /// demo page) and clients that send no Origin are always allowed.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = list_item)]
     allowed_origins: Vec<String>,
     /// Redis URL (redis://host:port/): cluster mode, channels shared with every node on the
     /// same Redis. Without it, the embedded in-memory broker.
@@ -166,6 +172,7 @@ impl ServeArgs {
             .shutdown_grace(self.shutdown_grace)
             .client_publish_rate(self.client_publish_rate)
             .api_keys(self.api_keys.clone())
+            .public_metrics(self.public_metrics)
             .allowed_origins(self.allowed_origins.clone())
             .jwt_secret(self.jwt_secret.clone())
             .jwt_public_key(public_key)
@@ -175,6 +182,42 @@ impl ServeArgs {
             .redis(self.redis.clone())
             .redis_timeout(self.redis_timeout))
     }
+}
+
+/// One item of a comma-separated list, with the spaces around it trimmed (`a, b` is two
+/// items); an empty item is an error rather than something silently dropped or matched.
+fn list_item(item: &str) -> Result<String, String> {
+    let item = item.trim();
+    if item.is_empty() {
+        Err("empty item in a comma-separated list".to_owned())
+    } else {
+        Ok(item.to_owned())
+    }
+}
+
+/// Parses `--listen`: `IP:PORT`, or `HOST:PORT` resolved once, now. Of several addresses a
+/// name resolves to, the first IPv4 one is taken (`localhost` is then `127.0.0.1`, which
+/// clients that try IPv6 first still reach after their IPv6 attempt is refused).
+fn listen_address(value: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    const FORM: &str = "expected HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080, localhost:8080 \
+                        or [::1]:8080";
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    if !value.contains(':') {
+        return Err(format!("no port in {value:?}; {FORM}"));
+    }
+    let addrs: Vec<SocketAddr> = value
+        .to_socket_addrs()
+        .map_err(|err| format!("cannot resolve {value:?} ({err}); {FORM}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{value:?} resolves to no address; {FORM}"))
 }
 
 /// `herald token`: prints the token, or why it cannot be minted (exit 2).
@@ -249,7 +292,10 @@ fn main() -> ExitCode {
         let listener = match listen(cli.listen) {
             Ok(listener) => listener,
             Err(err) => {
-                report(format_args!("cannot listen on {}: {err}", cli.listen));
+                report(format_args!(
+                    "cannot listen on {} (--listen / HERALD_LISTEN): {err}",
+                    cli.listen
+                ));
                 return ExitCode::FAILURE;
             }
         };
@@ -319,6 +365,42 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_items_are_trimmed_and_empty_ones_refused() {
+        let cli = Cli::try_parse_from([
+            "herald",
+            "--allowed-origins",
+            "https://a.example, https://b.example",
+            "--api-key",
+            " k1 ,k2",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.serve.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(cli.serve.api_keys, ["k1", "k2"]);
+        for empty in ["a,,b", "a,", " "] {
+            assert!(
+                Cli::try_parse_from(["herald", "--allowed-origins", empty]).is_err(),
+                "{empty:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn listen_takes_host_names() {
+        assert_eq!(
+            listen_address("localhost:8080"),
+            Ok("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(listen_address("[::1]:9"), Ok("[::1]:9".parse().unwrap()));
+        let err = listen_address("8080").expect_err("no host");
+        assert!(err.contains("e.g. 127.0.0.1:8080"), "{err}");
+        let err = listen_address("localhost").expect_err("no port");
+        assert!(err.contains("no port"), "{err}");
+    }
 
     /// The flags repeat the library's defaults (clap shows them in `--help`); they must not
     /// drift apart.

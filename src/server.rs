@@ -55,9 +55,23 @@ pub async fn run(
              any client_id and subscribe to any channel"
         );
     }
+    let listening = listener.local_addr()?;
     if config.api_keys.is_empty() {
-        tracing::warn!("no --api-key: the publish API (/api/*) answers loopback clients only");
+        if listening.ip().is_loopback() {
+            tracing::info!(
+                "no --api-key: /api/* and /metrics answer only clients on this machine that do \
+                 not come through a proxy"
+            );
+        } else {
+            tracing::warn!(
+                %listening,
+                "no --api-key while listening beyond loopback: /api/* and /metrics answer only \
+                 clients on this machine that do not come through a proxy (Forwarded, \
+                 X-Forwarded-For, X-Real-IP); set --api-key to publish from elsewhere"
+            );
+        }
     }
+    tracing::info!(%listening, "settings: {}", config.summary());
     let broker = Broker::start(&config)?;
     let registry = broker.registry().clone();
     let limit = Arc::new(Semaphore::new(config.max_connections));

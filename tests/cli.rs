@@ -143,30 +143,8 @@ fn spawn_logged(args: &[&str], until: &str) -> (Running, SocketAddr, Vec<String>
             .args(["--listen", "127.0.0.1:0"])
             .args(args),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Drains the log for the server's whole life, so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + common::WAIT;
-    let mut log = Vec::new();
-    let mut addr = None;
-    while !log.last().is_some_and(|line: &String| line.contains(until)) {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(wait)
-            .unwrap_or_else(|_| panic!("no log line with {until:?} in {log:#?}"));
-        if let Some(at) = line.find("addr=") {
-            addr = line[at + 5..]
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse().ok());
-        }
-        log.push(line);
-    }
-    let addr = addr.unwrap_or_else(|| panic!("the start-up log names the address: {log:#?}"));
+    let log = read_log_until(stderr, until);
+    let addr = log_addr(&log);
     (server, addr, log)
 }
 
@@ -226,4 +204,157 @@ async fn anonymous_start_warns_and_token_subcommand_mints_accepted_tokens() {
     );
     let anonymous = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
     assert!(anonymous.is_err(), "no token, no WebSocket");
+}
+
+#[test]
+fn bad_lists_origins_and_redis_urls_exit_2_naming_the_value() {
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let output = Command::new(HERALD)
+            .args(args)
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(
+        &["--allowed-origins", "https://a.example,,https://b.example"],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("empty item"), "{stderr}");
+    let (code, stderr) = run(&[], &[("HERALD_API_KEY", "k1, ")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("empty item"), "{stderr}");
+    let (code, stderr) = run(
+        &["--allowed-origins", "https://a.example, example.com"],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--allowed-origins") && stderr.contains("\"example.com\""),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--redis", "127.0.0.1:6379"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("redis://host:port/"), "{stderr}");
+    let (code, stderr) = run(&["--listen", "8080"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains("e.g. 127.0.0.1:8080"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn spaced_lists_are_trimmed_and_hostnames_listen() {
+    // `localhost` resolves to the IPv4 loopback; the key after ", " works.
+    let (server, stderr) = start_logged(
+        Command::new(HERALD)
+            .args(["--listen", "localhost:0"])
+            .env("HERALD_API_KEY", "first, second")
+            .env(
+                "HERALD_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
+    );
+    let log = read_log_until(stderr, "settings:");
+    let settings = log.last().expect("a settings line");
+    assert!(
+        settings.contains("origins=same-host,https://a.example,https://b.example")
+            && settings.contains("api=api-key (2 configured)")
+            && settings.contains("listening=127.0.0.1:"),
+        "{settings}"
+    );
+    assert!(!settings.contains("second"), "no secret in {settings}");
+    let addr = log_addr(&log);
+    let mut http = common::HttpClient::connect(addr).await;
+    let reply = http
+        .request(
+            "POST",
+            "/api/broadcast",
+            &[("authorization", "Bearer second")],
+            b"hi",
+        )
+        .await;
+    assert_eq!(reply.status, 200, "the key after the comma-space");
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nhost: {addr}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+         origin: https://b.example\r\n\r\n"
+    );
+    assert_eq!(
+        common::raw_exchange(addr, upgrade.as_bytes()).await.0,
+        101,
+        "the origin after the comma-space"
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_busy_port_names_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = Command::new(HERALD)
+        .args(["--listen", &addr])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on {addr} (--listen / HERALD_LISTEN)"
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_without_a_key_warns() {
+    let (_server, stderr) = start_logged(Command::new(HERALD).args(["--listen", "0.0.0.0:0"]));
+    let log = read_log_until(stderr, "settings:");
+    assert!(
+        log.iter().any(|line| line.contains("WARN")
+            && line.contains("no --api-key while listening beyond loopback")),
+        "{log:#?}"
+    );
+    let (_server, stderr) = start_logged(Command::new(HERALD).args(["--listen", "127.0.0.1:0"]));
+    let log = read_log_until(stderr, "settings:");
+    assert!(
+        !log.iter().any(|line| line.contains("beyond loopback")),
+        "{log:#?}"
+    );
+}
+
+/// The log up to the first line that contains `until` (within [`common::WAIT`]); the rest is
+/// drained in the background so the server never blocks on a full pipe.
+fn read_log_until(stderr: ChildStderr, until: &str) -> Vec<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + common::WAIT;
+    let mut log = Vec::new();
+    while !log.last().is_some_and(|line: &String| line.contains(until)) {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(wait)
+            .unwrap_or_else(|_| panic!("no log line with {until:?} in {log:#?}"));
+        log.push(line);
+    }
+    log
+}
+
+/// The address in the start-up log's `addr=` field.
+fn log_addr(log: &[String]) -> SocketAddr {
+    log.iter()
+        .find_map(|line| {
+            let at = line.find("addr=")?;
+            line[at + 5..].split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("the start-up log names the address: {log:#?}"))
 }

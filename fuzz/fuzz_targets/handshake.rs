@@ -115,7 +115,8 @@ fn check_handshake(method: &Method, version: Version, headers: &HeaderMap) {
 fn expected_query(query: &str, max: usize) -> Option<(Vec<String>, Option<String>, Format)> {
     let mut channels: Vec<String> = Vec::new();
     let mut client_id = None;
-    let mut format = Format::Json;
+    let mut format = None;
+    let mut tokens = 0;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "channels" => {
@@ -130,17 +131,33 @@ fn expected_query(query: &str, max: usize) -> Option<(Vec<String>, Option<String
                 }
             }
             "client_id" => {
+                if client_id.is_some() {
+                    return None;
+                }
                 name::validate(&value).ok()?;
                 client_id = Some(value.into_owned());
             }
-            "format" => match &*value {
-                "json" => format = Format::Json,
-                "raw" => format = Format::Raw,
-                _ => return None,
-            },
-            _ => {}
+            "format" => {
+                if format.is_some() {
+                    return None;
+                }
+                match &*value {
+                    "json" => format = Some(Format::Json),
+                    "raw" => format = Some(Format::Raw),
+                    _ => return None,
+                }
+            }
+            "token" => {
+                tokens += 1;
+                if tokens > 1 {
+                    return None;
+                }
+            }
+            // Unknown parameters are refused.
+            _ => return None,
         }
     }
+    let format = format.unwrap_or(Format::Json);
     if format == Format::Raw && channels.len() != 1 {
         return None;
     }

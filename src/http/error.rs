@@ -68,8 +68,14 @@ pub enum HttpError {
     /// `/api/*` without the right `Authorization: Bearer` key (keys are configured).
     #[error("a valid API key is required: Authorization: Bearer <key>")]
     Unauthorized,
-    /// `/api/*` from a non-loopback client while no API key is configured.
-    #[error("the publish API answers only loopback clients unless --api-key is set")]
+    /// `/api/*` (or `/metrics`) from a client that is not on a loopback address, or that came
+    /// through a proxy (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`), while no API key is
+    /// configured.
+    #[error(
+        "without --api-key this route answers only clients on the server's own machine that \
+         did not come through a proxy; start the server with --api-key and send \
+         Authorization: Bearer <key>"
+    )]
     PublisherNotLocal,
     /// A `/ws` upgrade without a valid token while JWT auth is configured.
     #[error("{0}")]

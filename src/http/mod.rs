@@ -14,8 +14,9 @@
 //! | `/api/stats` | GET | connection and delivery counters |
 //! | `/metrics` | GET | Prometheus metrics |
 //!
-//! `/api/*` needs an API key when keys are configured, and a loopback client otherwise; a
-//! WebSocket upgrade from a browser must come from an allowed origin (see `access`), and `/ws`
+//! `/api/*` and `/metrics` need an API key when keys are configured, and a loopback client that
+//! did not come through a proxy otherwise (`--public-metrics` opens `/metrics`); a WebSocket
+//! upgrade from a browser must come from an allowed origin (see `access`), and `/ws`
 //! needs a client token when a JWT key is configured (see [`crate::auth`]).
 
 mod access;
@@ -38,6 +39,7 @@ use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
 
+pub use access::parse_allowed_origin;
 pub use api::decode_segment;
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
 pub use upgrade::parse_query;
@@ -81,7 +83,9 @@ async fn route(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     check_head_size(&req)?;
     let path = req.uri().path().to_owned();
-    if path.starts_with("/api/") {
+    let operator_route =
+        path.starts_with("/api/") || (path == "/metrics" && !state.config.public_metrics);
+    if operator_route {
         access::check_publisher(req.headers(), peer, &state.config.api_keys)?;
     } else if path == "/ws" || path == "/echo" {
         access::check_origin(req.headers(), &state.config.allowed_origins)?;

@@ -47,12 +47,15 @@ pub fn websocket(
     };
     let mut session = match endpoint {
         Endpoint::Notify => parse_query(query, &state.config)?,
-        Endpoint::Echo => Session {
-            client_id: Arc::from(random_client_id()),
-            format: Format::Echo,
-            channels: Vec::new(),
-            auth: None,
-        },
+        Endpoint::Echo => {
+            check_echo_query(query)?;
+            Session {
+                client_id: Arc::from(random_client_id()),
+                format: Format::Echo,
+                channels: Vec::new(),
+                auth: None,
+            }
+        }
     };
     if let Some(auth) = auth {
         if let Some(forbidden) = session
@@ -110,17 +113,34 @@ pub fn websocket(
     Ok(response)
 }
 
-/// Reads `channels`, `client_id` and `format` from the `/ws` query. Unknown parameters are
-/// ignored, so clients may add their own (a cache buster, say); `token` is read by the auth
-/// check, when auth is on.
+/// The query parameters `/ws` takes; any other is refused, so that a misspelt one
+/// (`?chanels=news`) is an error instead of a connection that silently gets nothing.
+const WS_PARAMETERS: &str = "channels, client_id, format, token";
+
+/// Reads `channels`, `client_id` and `format` from the `/ws` query; `token` is read by the
+/// auth check, when auth is on (and ignored otherwise). `channels` may be given more than
+/// once (the lists add up); the others at most once.
 ///
 /// # Errors
-/// The first invalid parameter, as an [`HttpError`] (all of them answer `400`).
+/// The first invalid, unknown or repeated parameter, as an [`HttpError`] (all of them answer
+/// `400`).
 pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Session, HttpError> {
     let mut channels: Vec<String> = Vec::new();
     let mut client_id = None;
-    let mut format = Format::Json;
+    let mut format = None;
+    let mut token = false;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let repeated = match &*key {
+            "client_id" => client_id.is_some(),
+            "format" => format.is_some(),
+            "token" => std::mem::replace(&mut token, true),
+            _ => false,
+        };
+        if repeated {
+            return Err(HttpError::InvalidQuery(format!(
+                "query parameter {key:?} is given more than once"
+            )));
+        }
         match &*key {
             "channels" => {
                 for channel in value.split(',').filter(|c| !c.is_empty()) {
@@ -138,7 +158,7 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
                 client_id = Some(value.into_owned());
             }
             "format" => {
-                format = match &*value {
+                format = Some(match &*value {
                     "json" => Format::Json,
                     "raw" => Format::Raw,
                     _ => {
@@ -146,11 +166,13 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
                             "format must be json or raw".to_owned(),
                         ));
                     }
-                }
+                });
             }
-            _ => {}
+            "token" => {}
+            _ => return Err(unknown_parameter(&key, WS_PARAMETERS)),
         }
     }
+    let format = format.unwrap_or(Format::Json);
     if format == Format::Raw && channels.len() != 1 {
         return Err(HttpError::InvalidQuery(
             "format=raw needs exactly one channel".to_owned(),
@@ -162,6 +184,29 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
         channels,
         auth: None,
     })
+}
+
+/// `/echo` takes only `token` (when auth is on; ignored otherwise).
+fn check_echo_query(query: &str) -> Result<(), HttpError> {
+    let mut tokens = 0;
+    for (key, _) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "token" {
+            return Err(unknown_parameter(&key, "token"));
+        }
+        tokens += 1;
+        if tokens > 1 {
+            return Err(HttpError::InvalidQuery(
+                "query parameter \"token\" is given more than once".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unknown_parameter(key: &str, accepted: &str) -> HttpError {
+    HttpError::InvalidQuery(format!(
+        "unknown query parameter {key:?} (accepted: {accepted})"
+    ))
 }
 
 /// Verifies the client's token (`Authorization: Bearer` first, then `?token=`). Runs before
