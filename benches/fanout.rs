@@ -15,7 +15,8 @@ use herald::registry::{Format, Outbox, Registry};
 fn subscribe_all(registry: &Registry, channel: &str, subscribers: usize) -> Vec<Arc<Outbox>> {
     (0..subscribers)
         .map(|i| {
-            let registration = registry.register(Arc::from(format!("c{i}")), Format::Json, None);
+            let registration =
+                registry.register(Arc::from(format!("c{i}")), Format::Json, None, false);
             registry
                 .subscribe(registration.id, channel)
                 .expect("subscribe");
@@ -86,7 +87,7 @@ fn churn(c: &mut Criterion) {
         .expect("runtime");
     let registry = runtime.block_on(async { Registry::new(&Config::default().shards(2)) });
     let _crowd = subscribe_all(&registry, "busy", 10_000);
-    let newcomer = registry.register(Arc::from("newcomer"), Format::Json, None);
+    let newcomer = registry.register(Arc::from("newcomer"), Format::Json, None, false);
     c.bench_function("subscribe+unsubscribe (channel of 10k)", |b| {
         b.iter(|| {
             registry.subscribe(newcomer.id, "busy").expect("subscribe");
@@ -95,7 +96,7 @@ fn churn(c: &mut Criterion) {
     });
     c.bench_function("register+unregister", |b| {
         b.iter(|| {
-            let registration = registry.register(Arc::from("x"), Format::Json, None);
+            let registration = registry.register(Arc::from("x"), Format::Json, None, false);
             registry
                 .subscribe(registration.id, "busy")
                 .expect("subscribe");

@@ -72,6 +72,20 @@ pub struct Config {
     /// The longest any one Redis call (connect, publish, subscribe, ping) may take before it
     /// counts as failed. Default 2 s: an unreachable Redis never holds a publisher longer.
     pub redis_timeout: Duration,
+    /// Messages each channel keeps for clients that come back (a reconnect, a slow consumer
+    /// that was dropped); 0 turns history and recovery off. Default 100: a notification feed
+    /// or a chat room rarely gets more in the minute or two a phone needs to switch networks
+    /// or a deploy needs to roll, and 100 frames of a typical 200-byte notification are 20 KiB
+    /// a channel.
+    pub history_size: usize,
+    /// How long a message stays in its channel's history. Default 5 minutes: longer than a
+    /// network switch, a laptop lid or a rolling deploy, short enough that a client away for
+    /// longer reloads its state instead of replaying a flood.
+    pub history_ttl: Duration,
+    /// The most bytes all channels' histories hold together, on this node; past it the oldest
+    /// messages of the whole node are dropped first. Default 64 MiB: 300 000 typical
+    /// notifications, a small share of a server's memory, whatever the number of channels.
+    pub history_memory: u64,
 }
 
 /// Secrets (API keys, the JWT secret, the Redis URL) are left out, so that a logged
@@ -106,6 +120,9 @@ impl fmt::Debug for Config {
             // The URL may carry a password.
             .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
             .field("redis_timeout", &self.redis_timeout)
+            .field("history_size", &self.history_size)
+            .field("history_ttl", &self.history_ttl)
+            .field("history_memory", &self.history_memory)
             .finish()
     }
 }
@@ -133,6 +150,9 @@ impl Default for Config {
             jwt_audience: None,
             redis: None,
             redis_timeout: Duration::from_secs(2),
+            history_size: 100,
+            history_ttl: Duration::from_secs(5 * 60),
+            history_memory: 64 * 1024 * 1024,
         }
     }
 }
@@ -298,6 +318,24 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::history_size`].
+    pub fn history_size(mut self, messages: usize) -> Self {
+        self.history_size = messages;
+        self
+    }
+
+    /// Sets [`Config::history_ttl`].
+    pub fn history_ttl(mut self, ttl: Duration) -> Self {
+        self.history_ttl = ttl;
+        self
+    }
+
+    /// Sets [`Config::history_memory`].
+    pub fn history_memory(mut self, bytes: u64) -> Self {
+        self.history_memory = bytes;
+        self
+    }
+
     /// Checks that the values make a server that can run.
     ///
     /// # Errors
@@ -319,6 +357,7 @@ impl Config {
             ("ping-interval", self.ping_interval),
             ("idle-timeout", self.idle_timeout),
             ("redis-timeout", self.redis_timeout),
+            ("history-ttl", self.history_ttl),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -414,6 +453,19 @@ impl fmt::Display for Summary<'_> {
                 let address = redis_address(url).unwrap_or_else(|_| "<invalid>".to_owned());
                 write!(f, " broker=redis({address})")?;
             }
+        }
+        if config.history_size == 0 {
+            write!(f, " history=off")?;
+        } else {
+            write!(
+                f,
+                " history={}x{:?},{}",
+                config.history_size,
+                config.history_ttl,
+                bytesize::ByteSize::b(config.history_memory)
+                    .display()
+                    .iec_short()
+            )?;
         }
         write!(
             f,

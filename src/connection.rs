@@ -23,7 +23,10 @@ use crate::broker::{Broker, BrokerError};
 use crate::metrics::ClosedBy;
 use crate::protocol::{self, Payload, Request};
 use crate::rate::{RateLimit, Verdict};
-use crate::registry::{CloseReason, ConnId, Flushed, Format, Outbox, Push, Signal, SubscribeError};
+use crate::registry::{
+    CatchUp, CloseReason, ConnId, Cursor, Flushed, Format, Outbox, Position, Push, Recovery,
+    RecoveryFailure, Signal, Standing, SubscribeError,
+};
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{Decoder, Message, OpCode, encode_close, encode_frame};
 
@@ -44,6 +47,8 @@ pub struct Session {
     /// Channels to subscribe to at once (valid names, within `--max-subscriptions`, granted
     /// by the token when there is one).
     pub channels: Vec<String>,
+    /// Positions to recover from, for some of `channels` (`?since=`).
+    pub since: Vec<(String, Position)>,
     /// The verified token's grant, when JWT auth is on; `None` for an anonymous client.
     pub auth: Option<Box<ClientAuth>>,
 }
@@ -61,24 +66,56 @@ pub fn spawn(
 ) {
     let registry = broker.registry();
     let stream = Arc::new(stream);
+    // Held while the connection subscribes, so that the welcome, which says where each
+    // channel stands, goes out before any message of those channels.
     let registration = registry.register(
         Arc::clone(&session.client_id),
         session.format,
         Some(Arc::clone(&stream)),
+        session.format == Format::Json,
     );
+    let id = registration.id;
     if let Some(auth) = &session.auth {
-        registry.set_expiry(registration.id, auth.grant.expires_in());
+        registry.set_expiry(id, auth.grant.expires_in());
     }
+    let mut standings = Vec::new();
+    let mut replays = Vec::new();
     for channel in &session.channels {
-        if let Err(err) = registry.subscribe(registration.id, channel) {
+        if let Err(err) = registry.join(id, channel) {
             tracing::debug!(%err, channel, "initial subscription refused");
+            continue;
+        }
+        let since = session
+            .since
+            .iter()
+            .find(|(name, _)| name == channel)
+            .map(|(_, position)| *position);
+        let room = replay_room(&registration.outbox, registry.queue_capacity());
+        match registry.catch_up(id, channel, Cursor::Start(since), room, |_| None) {
+            CatchUp::Live(standing) => standings.push((channel.as_str(), standing)),
+            CatchUp::Replaying { standing, cursor } => {
+                standings.push((channel.as_str(), standing));
+                replays.push((Arc::<str>::from(channel.as_str()), cursor));
+            }
+            CatchUp::Interrupted | CatchUp::Gone => {}
         }
     }
-    if session.format == Format::Json {
-        registration.outbox.push(
-            protocol::welcome_frame(&session.client_id),
-            registry.queue_capacity(),
-        );
+    match session.format {
+        Format::Json => registration.outbox.release(Some(protocol::welcome_frame(
+            &session.client_id,
+            &standings,
+        ))),
+        // A raw client cannot be told that its position was not recovered: it is closed, and
+        // learns why from the close frame (the upgrade checked it just before, so this is a
+        // race with the history window).
+        Format::Raw
+            if standings
+                .iter()
+                .any(|(_, standing)| matches!(standing.recovery, Recovery::Failed(_))) =>
+        {
+            registration.outbox.close(CloseReason::RecoveryFailed);
+        }
+        Format::Raw | Format::Echo => {}
     }
     registry.task_started();
     let conn = Connection {
@@ -92,9 +129,19 @@ pub fn spawn(
         rate: RateLimit::new(registry.client_publish_rate(), registry.now_ms()),
         input_paused: false,
         auth: session.auth,
+        replays: (!replays.is_empty()).then(|| Box::new(replays)),
         _permit: permit,
     };
     tokio::spawn(conn.run());
+}
+
+/// Channels whose replay is still to finish, each with the position it has reached.
+type Replays = Vec<(Arc<str>, Position)>;
+
+/// How many replayed frames may be queued now: up to half the queue, so that live messages
+/// of the connection's other channels and its replies have room next to a replay.
+fn replay_room(outbox: &Outbox, capacity: usize) -> usize {
+    (capacity / 2).saturating_sub(outbox.depth())
 }
 
 /// What woke a waiting connection.
@@ -139,6 +186,7 @@ impl Ending {
             CloseReason::SlowConsumer => ClosedBy::SlowConsumer,
             CloseReason::IdleTimeout => ClosedBy::IdleTimeout,
             CloseReason::TokenExpired => ClosedBy::TokenExpired,
+            CloseReason::RecoveryFailed => ClosedBy::RecoveryFailed,
             CloseReason::GoingAway => ClosedBy::Shutdown,
             CloseReason::WriteFailed | CloseReason::Closing => return Ending::Gone,
         };
@@ -171,6 +219,9 @@ struct Connection {
     input_paused: bool,
     /// What the client's token grants; `None` for an anonymous client.
     auth: Option<Box<ClientAuth>>,
+    /// Replays still to finish of the channels recovered from the connect URL; boxed, since
+    /// an idle connection has none.
+    replays: Option<Box<Replays>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -206,6 +257,13 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> Ending {
+        if let Some(replays) = self.replays.take() {
+            for (channel, cursor) in *replays {
+                if let Some(ending) = Box::pin(self.replay(&channel, cursor)).await {
+                    return ending;
+                }
+            }
+        }
         if let Some(ending) = self.drain_input().await {
             return ending;
         }
@@ -406,22 +464,12 @@ impl Connection {
             return None;
         }
         let reply = match request {
-            Request::Subscribe { channel } => {
-                match self.broker.registry().subscribe(self.id, &channel) {
-                    Ok(_) => {
-                        // Cluster mode: `subscribed` means messages from every node reach it.
-                        self.broker.until_heard(&channel).await;
-                        protocol::subscription_frame(true, id, &channel)
-                    }
-                    Err(err @ SubscribeError::TooMany(_)) => {
-                        protocol::error_frame(id, "too_many_subscriptions", &err.to_string())
-                    }
-                    Err(SubscribeError::Gone) => return None,
-                }
+            Request::Subscribe { channel, since } => {
+                return self.subscribe(id, &channel, since).await;
             }
             Request::Unsubscribe { channel } => {
                 if self.broker.registry().unsubscribe(self.id, &channel) {
-                    protocol::subscription_frame(false, id, &channel)
+                    protocol::unsubscribed_frame(id, &channel)
                 } else {
                     protocol::error_frame(id, "not_subscribed", "not subscribed to that channel")
                 }
@@ -465,7 +513,7 @@ impl Connection {
     fn denied(&self, request: &Request<'_>) -> Option<&'static str> {
         let grant = &self.auth.as_ref()?.grant;
         match request {
-            Request::Subscribe { channel } => (!grant.subscribe.matches(channel))
+            Request::Subscribe { channel, .. } => (!grant.subscribe.matches(channel))
                 .then_some("the token does not grant subscribing to this channel"),
             Request::Publish { channel, .. } => (!grant.publish.matches(channel))
                 .then_some("the token does not grant publishing to this channel"),
@@ -508,10 +556,93 @@ impl Connection {
         self.broker.registry().set_expiry(self.id, expires_in);
         for channel in revoked {
             if self.broker.registry().unsubscribe(self.id, &channel) {
-                self.reply(protocol::subscription_frame(false, None, &channel));
+                self.reply(protocol::unsubscribed_frame(None, &channel));
             }
         }
         protocol::refreshed_frame(id, expires_in.as_secs())
+    }
+
+    /// Subscribes to `channel`: the `subscribed` reply says where the channel stands and, with
+    /// `since`, whether what the client missed is replayed; the replay (queued a part at a time,
+    /// as the client reads) comes next, then live messages, each exactly once.
+    async fn subscribe(
+        &mut self,
+        id: Option<&RawValue>,
+        channel: &str,
+        since: Option<Position>,
+    ) -> Option<Ending> {
+        let registry = self.broker.registry().clone();
+        match registry.join(self.id, channel) {
+            Ok(true) => {}
+            Ok(false) => {
+                let mut standing = registry.standing(channel, None);
+                if since.is_some() {
+                    standing.recovery = Recovery::Failed(RecoveryFailure::AlreadySubscribed);
+                }
+                self.reply(protocol::subscribed_frame(id, channel, &standing));
+                return None;
+            }
+            Err(err @ SubscribeError::TooMany(_)) => {
+                self.reply(protocol::error_frame(
+                    id,
+                    "too_many_subscriptions",
+                    &err.to_string(),
+                ));
+                return None;
+            }
+            Err(SubscribeError::Gone) => return None,
+        }
+        // Cluster mode: `subscribed` means messages from every node reach it.
+        self.broker.until_heard(channel).await;
+        let room = replay_room(&self.outbox, registry.queue_capacity());
+        let reply = |standing: &Standing| Some(protocol::subscribed_frame(id, channel, standing));
+        match registry.catch_up(self.id, channel, Cursor::Start(since), room, reply) {
+            CatchUp::Live(_) | CatchUp::Gone => None,
+            CatchUp::Replaying { cursor, .. } => Box::pin(self.replay(channel, cursor)).await,
+            CatchUp::Interrupted => Some(Ending::server(CloseReason::RecoveryFailed)),
+        }
+    }
+
+    /// Queues the rest of a replay after `cursor` as the client reads it, then attaches the
+    /// subscription to live messages. Reading from the client pauses meanwhile.
+    async fn replay(&mut self, channel: &str, mut cursor: Position) -> Option<Ending> {
+        let registry = self.broker.registry().clone();
+        let capacity = registry.queue_capacity();
+        loop {
+            if let Some(ending) = self.make_room(capacity).await {
+                return Some(ending);
+            }
+            let room = replay_room(&self.outbox, capacity);
+            match registry.catch_up(self.id, channel, Cursor::Resume(cursor), room, |_| None) {
+                CatchUp::Live(_) => return None,
+                CatchUp::Replaying { cursor: next, .. } => cursor = next,
+                CatchUp::Interrupted => return Some(Ending::server(CloseReason::RecoveryFailed)),
+                CatchUp::Gone => return None,
+            }
+        }
+    }
+
+    /// Writes until at most half the queue is left, waiting for the socket when it is full.
+    async fn make_room(&mut self, capacity: usize) -> Option<Ending> {
+        loop {
+            if let Some(reason) = self.outbox.close_reason() {
+                return Some(Ending::server(reason));
+            }
+            if self.outbox.depth() * 2 < capacity {
+                return None;
+            }
+            match self.outbox.flush(self.broker.registry().metrics()) {
+                Flushed::Failed => return Some(Ending::Gone),
+                Flushed::Blocked => {
+                    if self.stream.writable().await.is_err() {
+                        return Some(Ending::Gone);
+                    }
+                    self.outbox.unblock();
+                }
+                // The shard writer is writing this connection's frames: let it finish.
+                Flushed::Done => tokio::task::yield_now().await,
+            }
+        }
     }
 
     /// Queues a frame for this connection itself. Replies count against the queue like any
@@ -603,6 +734,7 @@ fn broker_error_frame(id: Option<&RawValue>, err: &BrokerError) -> Bytes {
     let code = match err {
         BrokerError::Unavailable(_) => "broker_unavailable",
         BrokerError::ShuttingDown => "unavailable",
+        BrokerError::NotRecovered { failure, .. } => failure.code(),
     };
     protocol::error_frame(id, code, &err.to_string())
 }
@@ -622,8 +754,12 @@ mod tests {
             .unwrap();
         let registry = Registry::new(&Config::default());
         let client = Arc::new(client);
-        let registration =
-            registry.register(Arc::from("a"), Format::Json, Some(Arc::clone(&client)));
+        let registration = registry.register(
+            Arc::from("a"),
+            Format::Json,
+            Some(Arc::clone(&client)),
+            false,
+        );
         registry.task_started();
         let conn = Connection {
             stream: client,
@@ -636,6 +772,7 @@ mod tests {
             rate: RateLimit::new(50, 0),
             input_paused: false,
             auth: None,
+            replays: None,
             _permit: None,
         };
         let future = conn.run();

@@ -129,6 +129,18 @@ struct ServeArgs {
     /// The longest one Redis call may take before it counts as failed.
     #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     redis_timeout: Duration,
+    /// Messages each channel keeps for clients that reconnect (0: no history, no recovery).
+    /// 100 covers the minute or two of a network switch or a deploy for a feed or a chat room.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 100)]
+    history_size: usize,
+    /// How long a message stays in its channel's history: past a network switch or a deploy,
+    /// short of replaying a flood to a client away for longer.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    history_ttl: Duration,
+    /// The most memory all histories on this node hold together (e.g. 64MiB, 1GiB); the
+    /// node's oldest messages go first past it.
+    #[arg(long, env = "HERALD_HISTORY_MEMORY", default_value = "64MiB")]
+    history_memory: bytesize::ByteSize,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -180,7 +192,10 @@ impl ServeArgs {
             .jwt_issuer(self.jwt_issuer.clone())
             .jwt_audience(self.jwt_audience.clone())
             .redis(self.redis.clone())
-            .redis_timeout(self.redis_timeout))
+            .redis_timeout(self.redis_timeout)
+            .history_size(self.history_size)
+            .history_ttl(self.history_ttl)
+            .history_memory(self.history_memory.as_u64()))
     }
 }
 

@@ -29,10 +29,13 @@ pub enum ClosedBy {
     Shutdown,
     /// The client's token expired and was not refreshed.
     TokenExpired,
+    /// A recovery asked for in the connect URL, or a replay under way, could not be
+    /// completed (the client reconnects with the position it has).
+    RecoveryFailed,
 }
 
 impl ClosedBy {
-    const ALL: [ClosedBy; 7] = [
+    const ALL: [ClosedBy; 8] = [
         ClosedBy::ClientClose,
         ClosedBy::PeerGone,
         ClosedBy::ProtocolError,
@@ -40,6 +43,7 @@ impl ClosedBy {
         ClosedBy::IdleTimeout,
         ClosedBy::Shutdown,
         ClosedBy::TokenExpired,
+        ClosedBy::RecoveryFailed,
     ];
 
     fn label(self) -> &'static str {
@@ -51,6 +55,7 @@ impl ClosedBy {
             ClosedBy::IdleTimeout => "idle_timeout",
             ClosedBy::Shutdown => "shutdown",
             ClosedBy::TokenExpired => "token_expired",
+            ClosedBy::RecoveryFailed => "recovery_failed",
         }
     }
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::name::{self, NameError};
+use crate::registry::{Epoch, Position, Recovery, Standing};
 use crate::ws::frame::{OpCode, frame_header, header_len};
 
 /// The content of a message: how a publisher's bytes are carried to subscribers.
@@ -112,6 +113,8 @@ pub enum Request<'a> {
     Subscribe {
         /// The channel, already validated.
         channel: Cow<'a, str>,
+        /// The client's position in the channel: replay what follows it first.
+        since: Option<Position>,
     },
     /// Stop receiving the channel's messages.
     Unsubscribe {
@@ -158,6 +161,12 @@ pub enum RequestError {
     /// The client id breaks the naming rules.
     #[error("invalid client id: {0}")]
     InvalidClientId(NameError),
+    /// `since` is not `{"epoch":<epoch>,"offset":<offset>}` with an epoch the server hands out.
+    #[error(
+        "since must be {{\"epoch\":<the epoch from a subscribed or welcome frame>,\"offset\":<the \
+         offset of the last message you have>}}"
+    )]
+    InvalidPosition,
 }
 
 impl RequestError {
@@ -169,6 +178,7 @@ impl RequestError {
             RequestError::UnknownType => "unknown_type",
             RequestError::InvalidChannel(_) => "invalid_channel",
             RequestError::InvalidClientId(_) => "invalid_client_id",
+            RequestError::InvalidPosition => "invalid_position",
         }
     }
 }
@@ -187,6 +197,28 @@ struct WireRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+}
+
+/// A position as clients send it in `since`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WirePosition<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    offset: u64,
+}
+
+/// Reads a `since` value: `{"epoch":…,"offset":…}`.
+fn parse_position(raw: &RawValue) -> Result<Position, RequestError> {
+    let wire: WirePosition<'_> =
+        serde_json::from_str(raw.get()).map_err(|_| RequestError::InvalidPosition)?;
+    let epoch = Epoch::parse(&wire.epoch).ok_or(RequestError::InvalidPosition)?;
+    Ok(Position {
+        epoch,
+        offset: wire.offset,
+    })
 }
 
 /// What [`parse_request`] found: the request's `id` (echoed in the reply, even when the request
@@ -238,6 +270,7 @@ fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
     match &*kind {
         "subscribe" => Ok(Request::Subscribe {
             channel: channel()?,
+            since: wire.since.map(parse_position).transpose()?,
         }),
         "unsubscribe" => Ok(Request::Unsubscribe {
             channel: channel()?,
@@ -299,6 +332,26 @@ impl TextFrame {
     fn push_id(&mut self, id: Option<&RawValue>) -> &mut Self {
         if let Some(id) = id {
             self.push_str(r#","id":"#).push_str(id.get());
+        }
+        self
+    }
+
+    /// Appends `"epoch":…,"offset":…` and, for a recovery, `"recovered":…` (with `"reason"`).
+    fn push_standing(&mut self, standing: &Standing) -> &mut Self {
+        self.push_str(r#""epoch":""#)
+            .push_str(standing.epoch.as_str())
+            .push_str(r#"","offset":"#)
+            .push_u64(standing.offset);
+        match standing.recovery {
+            Recovery::NotAsked => {}
+            Recovery::Recovered => {
+                self.push_str(r#","recovered":true"#);
+            }
+            Recovery::Failed(failure) => {
+                self.push_str(r#","recovered":false,"reason":""#)
+                    .push_str(failure.code())
+                    .push_str("\"");
+            }
         }
         self
     }
@@ -389,30 +442,100 @@ pub fn gap_frame(channel: &str) -> Bytes {
 }
 
 /// `{"type":"welcome","client_id":…}`: the first frame on a json connection.
-pub fn welcome_frame(client_id: &str) -> Bytes {
-    let mut frame = TextFrame::with_capacity(48 + client_id.len());
+pub fn welcome_frame(client_id: &str, channels: &[(&str, Standing)]) -> Bytes {
+    let mut frame = TextFrame::with_capacity(48 + client_id.len() + 80 * channels.len());
     frame
         .push_str(r#"{"type":"welcome","client_id":"#)
         .push_json_string(client_id);
+    if !channels.is_empty() {
+        frame.push_str(r#","channels":{"#);
+        for (at, (channel, standing)) in channels.iter().enumerate() {
+            if at > 0 {
+                frame.push_str(",");
+            }
+            frame.push_json_string(channel).push_str(":{");
+            frame.push_standing(standing);
+            frame.push_str("}");
+        }
+        frame.push_str("}");
+    }
     frame.finish()
 }
 
-/// `{"type":"subscribed"|"unsubscribed","id":…,"channel":…}`: the reply to (un)subscribe.
-pub fn subscription_frame(subscribed: bool, id: Option<&RawValue>, channel: &str) -> Bytes {
-    let kind = if subscribed {
-        "subscribed"
-    } else {
-        "unsubscribed"
-    };
+/// `{"type":"subscribed","id":…,"channel":…,"epoch":…,"offset":…}`: the reply to subscribe,
+/// with where the channel stands (the position to store) and, for a subscribe with `since`,
+/// `"recovered"` and, when it is false, the `"reason"`.
+pub fn subscribed_frame(id: Option<&RawValue>, channel: &str, standing: &Standing) -> Bytes {
+    let mut frame = TextFrame::with_capacity(96 + channel.len());
+    frame
+        .push_str(r#"{"type":"subscribed""#)
+        .push_id(id)
+        .push_str(r#","channel":"#)
+        .push_json_string(channel)
+        .push_str(",");
+    frame.push_standing(standing);
+    frame.finish()
+}
+
+/// `{"type":"unsubscribed","id":…,"channel":…}`: the reply to unsubscribe (also sent when a
+/// refreshed token no longer grants the channel).
+pub fn unsubscribed_frame(id: Option<&RawValue>, channel: &str) -> Bytes {
     let mut frame = TextFrame::with_capacity(48 + channel.len());
     frame
-        .push_str(r#"{"type":""#)
-        .push_str(kind)
-        .push_str("\"")
+        .push_str(r#"{"type":"unsubscribed""#)
         .push_id(id)
         .push_str(r#","channel":"#)
         .push_json_string(channel);
     frame.finish()
+}
+
+/// A channel message as the server stored it in its history, read back from its frame.
+#[derive(Debug, Deserialize)]
+pub struct StoredMessage<'a> {
+    /// The message's offset.
+    pub offset: u64,
+    /// The publishing client's id, when a client published it.
+    #[serde(borrow)]
+    pub from: Option<Cow<'a, str>>,
+    /// The payload as JSON (JSON and text payloads).
+    #[serde(borrow)]
+    pub data: Option<&'a RawValue>,
+    /// The payload base64-encoded (binary payloads).
+    #[serde(borrow)]
+    pub data_b64: Option<Cow<'a, str>>,
+}
+
+impl StoredMessage<'_> {
+    /// Reads a frame built by [`message_frame`]; `None` for anything else.
+    pub fn parse(frame: &[u8]) -> Option<StoredMessage<'_>> {
+        let json = frame.get(server_header_len(frame)?..)?;
+        serde_json::from_slice(json).ok()
+    }
+
+    /// The payload bytes, as a `format=raw` subscriber gets them, and whether they go in a
+    /// text frame.
+    pub fn raw_payload(&self) -> Option<(Cow<'_, [u8]>, bool)> {
+        match (&self.data, &self.data_b64) {
+            (Some(data), None) => {
+                let (bytes, text) = Payload::Json(data.get().as_bytes()).raw();
+                Some((Cow::Owned(bytes.to_vec()), text))
+            }
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .ok()
+                .map(|bytes| (Cow::Owned(bytes), false)),
+            _ => None,
+        }
+    }
+}
+
+/// The length of the header of an unmasked frame the server built, if `frame` holds one.
+fn server_header_len(frame: &[u8]) -> Option<usize> {
+    match frame.get(1)? & 0x7f {
+        126 => Some(4),
+        127 => Some(10),
+        _ => Some(2),
+    }
 }
 
 /// `{"type":"published","id":…,"channel":…,"offset":…,"subscribers":…}`: the reply to a publish
@@ -524,10 +647,32 @@ mod tests {
     #[test]
     fn replies_echo_the_request_id() {
         let id: &RawValue = serde_json::from_str(r#"{"n":[1,2]}"#).unwrap();
-        let reply = json_of(&subscription_frame(true, Some(id), "a"));
+        let epoch = Epoch::parse("abcd1234").unwrap();
+        let standing = Standing {
+            epoch,
+            offset: 7,
+            recovery: Recovery::NotAsked,
+        };
+        let reply = json_of(&subscribed_frame(Some(id), "a", &standing));
         assert_eq!(
             reply,
-            serde_json::json!({"type":"subscribed","id":{"n":[1,2]},"channel":"a"})
+            serde_json::json!({"type":"subscribed","id":{"n":[1,2]},"channel":"a","epoch":"abcd1234","offset":7})
+        );
+        let failed = Standing {
+            recovery: Recovery::Failed(crate::registry::RecoveryFailure::PositionExpired),
+            ..standing
+        };
+        let welcome = json_of(&welcome_frame("me", &[("a", standing), ("b:c", failed)]));
+        assert_eq!(
+            welcome,
+            serde_json::json!({"type":"welcome","client_id":"me","channels":{
+                "a":{"epoch":"abcd1234","offset":7},
+                "b:c":{"epoch":"abcd1234","offset":7,"recovered":false,"reason":"position_expired"}
+            }})
+        );
+        assert_eq!(
+            json_of(&unsubscribed_frame(None, "a")),
+            serde_json::json!({"type":"unsubscribed","channel":"a"})
         );
         let error = json_of(&error_frame(None, "invalid_json", "bad"));
         assert_eq!(
@@ -559,9 +704,35 @@ mod tests {
         assert_eq!(
             sub,
             Ok(Request::Subscribe {
-                channel: "a/b".into()
+                channel: "a/b".into(),
+                since: None
             })
         );
+        let since = parse_request(
+            r#"{"type":"subscribe","channel":"a","since":{"epoch":"abcd1234","offset":9}}"#,
+        )
+        .request;
+        assert_eq!(
+            since,
+            Ok(Request::Subscribe {
+                channel: "a".into(),
+                since: Some(Position {
+                    epoch: Epoch::parse("abcd1234").unwrap(),
+                    offset: 9
+                })
+            })
+        );
+        for bad in [
+            r#"{"epoch":"abcd1234"}"#,
+            r#"{"epoch":"ABCD1234","offset":1}"#,
+            r#"{"epoch":"abcd1234","offset":-1}"#,
+            r#"{"epoch":"abcd1234","offset":1,"x":1}"#,
+            r#""abcd1234:1""#,
+        ] {
+            let text = format!(r#"{{"type":"subscribe","channel":"a","since":{bad}}}"#);
+            let code = parse_request(&text).request.unwrap_err().code();
+            assert_eq!(code, "invalid_position", "{bad}");
+        }
     }
 
     #[test]

@@ -25,9 +25,11 @@ async fn assert_usable(server: &TestServer, ws: &mut common::Ws, channel: &str) 
         json!({"type": "subscribe", "channel": channel, "id": "check"}),
     )
     .await;
+    let reply = recv_json(ws).await;
     assert_eq!(
-        recv_json(ws).await,
-        json!({"type": "subscribed", "id": "check", "channel": channel})
+        (&reply["type"], &reply["id"], &reply["channel"]),
+        (&json!("subscribed"), &json!("check"), &json!(channel)),
+        "{reply}"
     );
     let mut http = server.http().await;
     assert_eq!(

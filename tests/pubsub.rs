@@ -114,17 +114,23 @@ async fn subscribe_publish_and_unsubscribe_over_the_socket() {
     let (mut alice, alice_id) = server.connect_json("client_id=alice").await;
     assert_eq!(alice_id, "alice");
     let (mut bob, _) = server.connect_json("client_id=bob").await;
+    let mut epochs = Vec::new();
     for ws in [&mut alice, &mut bob] {
         send_json(
             ws,
             json!({"type":"subscribe","channel":"room:lobby","id":1}),
         )
         .await;
+        let mut reply = recv_json(ws).await;
+        let epoch = reply["epoch"].take();
+        assert_eq!(epoch.as_str().map(str::len), Some(8), "{epoch}");
+        epochs.push(epoch);
         assert_eq!(
-            recv_json(ws).await,
-            json!({"type":"subscribed","id":1,"channel":"room:lobby"})
+            reply,
+            json!({"type":"subscribed","id":1,"channel":"room:lobby","epoch":null,"offset":0})
         );
     }
+    assert_eq!(epochs[0], epochs[1], "one stream, one epoch");
 
     send_json(
         &mut alice,

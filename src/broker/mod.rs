@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::Payload;
-use crate::registry::{Interest, PublishError, Registry, Topic};
+use crate::registry::{
+    Epoch, HistoryPage, Interest, Position, PublishError, RecoveryFailure, Registry, Topic,
+};
 
 pub use backplane::Hold;
 use backplane::{BROADCAST_CHANNEL, Backplane};
@@ -27,6 +29,18 @@ pub enum BrokerError {
     /// Cluster mode, and Redis is down or did not answer in time: the message went nowhere.
     #[error("the message broker is unavailable: {0}")]
     Unavailable(String),
+    /// A history request from a position the channel cannot continue from.
+    #[error("channel {channel:?} cannot continue from that position ({})", failure.code())]
+    NotRecovered {
+        /// The channel.
+        channel: String,
+        /// Why not.
+        failure: RecoveryFailure,
+        /// The channel's current epoch.
+        epoch: Epoch,
+        /// The channel's latest offset.
+        offset: u64,
+    },
 }
 
 impl From<PublishError> for BrokerError {
@@ -178,6 +192,26 @@ impl Broker {
                 })
             }
         }
+    }
+
+    /// Up to `limit` stored messages of `channel`, oldest first: after `since`, or the newest.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotRecovered`] when `since` cannot be continued from.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        self.registry
+            .history(channel, since, limit)
+            .map_err(|(failure, standing)| BrokerError::NotRecovered {
+                channel: channel.to_owned(),
+                failure,
+                epoch: standing.epoch,
+                offset: standing.offset,
+            })
     }
 
     /// Sends to every connection of `client_id`, on every node. A count of zero means nobody

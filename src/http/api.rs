@@ -13,7 +13,8 @@ use serde_json::json;
 use super::{AppState, HttpError, json_response};
 use crate::config::Config;
 use crate::name;
-use crate::protocol::Payload;
+use crate::protocol::{Payload, StoredMessage};
+use crate::registry::{Epoch, Position};
 
 /// `POST /api/publish/{channel}`.
 pub async fn publish(
@@ -61,6 +62,121 @@ pub async fn broadcast(
     let mut reply = json!({});
     reply[reach.field("connections")] = reach.count().into();
     Ok(json_response(StatusCode::OK, &reply))
+}
+
+/// The most messages one `/api/history` request returns; page with `since` for more.
+pub const HISTORY_PAGE_MAX: usize = 1000;
+
+/// `GET /api/history/{channel}?since=<offset>&epoch=<epoch>&limit=<n>`: the channel's stored
+/// messages, oldest first: those after `since` (in `epoch`), or the newest `limit` without it.
+pub async fn history(
+    req: &Request<Incoming>,
+    state: &Arc<AppState>,
+    channel: &str,
+) -> Result<Response<Full<Bytes>>, HttpError> {
+    let channel = decode_segment(channel);
+    name::validate(&channel).map_err(HttpError::InvalidChannel)?;
+    let query = HistoryQuery::parse(req.uri().query().unwrap_or(""))?;
+    let page = state
+        .broker
+        .history(&channel, query.since, query.limit)
+        .await?;
+    let mut messages = Vec::with_capacity(page.messages.len());
+    for (_, frame) in &page.messages {
+        let Some(message) = StoredMessage::parse(frame) else {
+            continue;
+        };
+        let mut entry = json!({"offset": message.offset});
+        if let Some(from) = &message.from {
+            entry["from"] = from.as_ref().into();
+        }
+        if let Some(data) = message.data {
+            entry["data"] = serde_json::from_str(data.get()).unwrap_or_default();
+        }
+        if let Some(b64) = &message.data_b64 {
+            entry["data_b64"] = b64.as_ref().into();
+        }
+        messages.push(entry);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "channel": channel,
+            "epoch": page.epoch.as_str(),
+            "offset": page.offset,
+            "messages": messages,
+        }),
+    ))
+}
+
+/// The query of `/api/history`.
+#[derive(Debug)]
+struct HistoryQuery {
+    since: Option<Position>,
+    limit: usize,
+}
+
+impl HistoryQuery {
+    fn parse(query: &str) -> Result<Self, HttpError> {
+        let mut since = None;
+        let mut epoch = None;
+        let mut limit = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*key {
+                "since" => &mut since,
+                "epoch" => &mut epoch,
+                "limit" => &mut limit,
+                _ => {
+                    return Err(HttpError::InvalidQuery(format!(
+                        "unknown query parameter {key:?} (accepted: since, epoch, limit)"
+                    )));
+                }
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(HttpError::InvalidQuery(format!(
+                    "query parameter {key:?} is given more than once"
+                )));
+            }
+        }
+        let number = |name: &str, value: &str| {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    HttpError::InvalidQuery(format!("{name} must be a whole number, not {value:?}"))
+                })
+        };
+        let limit = match limit {
+            None => HISTORY_PAGE_MAX.min(100),
+            Some(value) => {
+                let limit = number("limit", &value)?;
+                if limit == 0 || limit > HISTORY_PAGE_MAX as u64 {
+                    return Err(HttpError::InvalidQuery(format!(
+                        "limit must be between 1 and {HISTORY_PAGE_MAX}"
+                    )));
+                }
+                limit as usize
+            }
+        };
+        let since = match (since, epoch) {
+            (None, None) => None,
+            (Some(since), Some(epoch)) => Some(Position {
+                offset: number("since", &since)?,
+                epoch: Epoch::parse(&epoch).ok_or_else(|| {
+                    HttpError::InvalidQuery(format!(
+                        "epoch {epoch:?} is not an epoch this server hands out"
+                    ))
+                })?,
+            }),
+            _ => {
+                return Err(HttpError::InvalidQuery(
+                    "since and epoch go together: offsets count within an epoch".to_owned(),
+                ));
+            }
+        };
+        Ok(Self { since, limit })
+    }
 }
 
 /// `GET /api/channels`.

@@ -11,6 +11,7 @@ use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::name::NameError;
 use crate::protocol::PayloadError;
+use crate::registry::{Epoch, RecoveryFailure};
 use crate::ws::handshake::HandshakeError;
 
 /// A failed HTTP request. Each variant maps to one status code and one stable error code; the
@@ -92,6 +93,24 @@ pub enum HttpError {
     /// Cluster mode, and Redis is down: the message would go nowhere.
     #[error("{0}")]
     BrokerUnavailable(String),
+    /// A position (`?since=` of a raw connection, or `/api/history`'s `since` and `epoch`)
+    /// that the channel's history cannot continue from. The reply says where the channel
+    /// stands, so the client can reload and go on from there.
+    #[error(
+        "channel {channel:?} cannot continue from that position ({}): it is now at epoch \
+         {epoch}, offset {offset}; reload its state and go on from there",
+        failure.code()
+    )]
+    NotRecovered {
+        /// The channel.
+        channel: String,
+        /// Why not.
+        failure: RecoveryFailure,
+        /// The channel's current epoch.
+        epoch: Epoch,
+        /// The channel's latest offset.
+        offset: u64,
+    },
 }
 
 impl From<PayloadError> for HttpError {
@@ -105,6 +124,17 @@ impl From<BrokerError> for HttpError {
         match err {
             BrokerError::ShuttingDown => HttpError::ShuttingDown,
             BrokerError::Unavailable(_) => HttpError::BrokerUnavailable(err.to_string()),
+            BrokerError::NotRecovered {
+                channel,
+                failure,
+                epoch,
+                offset,
+            } => HttpError::NotRecovered {
+                channel,
+                failure,
+                epoch,
+                offset,
+            },
         }
     }
 }
@@ -135,6 +165,7 @@ impl HttpError {
             HttpError::ShuttingDown | HttpError::BrokerUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            HttpError::NotRecovered { .. } => StatusCode::CONFLICT,
             HttpError::Handshake(_)
             | HttpError::InvalidQuery(_)
             | HttpError::InvalidChannel(_)
@@ -172,12 +203,24 @@ impl HttpError {
             HttpError::HeadersTooLarge => "headers_too_large",
             HttpError::ShuttingDown => "shutting_down",
             HttpError::BrokerUnavailable(_) => "broker_unavailable",
+            HttpError::NotRecovered { failure, .. } => failure.code(),
         }
     }
 
     /// The JSON reply.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        if let HttpError::NotRecovered {
+            channel,
+            epoch,
+            offset,
+            ..
+        } = &self
+        {
+            body["channel"] = channel.as_str().into();
+            body["epoch"] = epoch.as_str().into();
+            body["offset"] = (*offset).into();
+        }
         let mut response = json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {

@@ -10,6 +10,7 @@
 //! | `/api/publish/{channel}` | POST | publish the body to a channel |
 //! | `/api/send/{client_id}` | POST | send the body to every connection of a client |
 //! | `/api/broadcast` | POST | send the body to every connection |
+//! | `/api/history/{channel}` | GET | the channel's stored messages (`since`, `epoch`, `limit`) |
 //! | `/api/channels` | GET | channels with subscribers |
 //! | `/api/stats` | GET | connection and delivery counters |
 //! | `/metrics` | GET | Prometheus metrics |
@@ -143,6 +144,9 @@ async fn route(
             if let Some(channel) = path.strip_prefix("/api/publish/") {
                 allow(&Method::POST, "POST")?;
                 api::publish(req, state, channel).await
+            } else if let Some(channel) = path.strip_prefix("/api/history/") {
+                allow(&Method::GET, "GET")?;
+                api::history(&req, state, channel).await
             } else if let Some(client_id) = path.strip_prefix("/api/send/") {
                 allow(&Method::POST, "POST")?;
                 api::send(req, state, client_id).await

@@ -18,7 +18,7 @@ use super::{AppState, ConnectionSlot, HttpError};
 use crate::auth::{AuthError, ClientAuth, Verifier};
 use crate::connection::{self, Session};
 use crate::name;
-use crate::registry::Format;
+use crate::registry::{Epoch, Format, Position, Recovery};
 use crate::ws::handshake;
 
 /// Which WebSocket endpoint was asked for.
@@ -53,6 +53,7 @@ pub fn websocket(
                 client_id: Arc::from(random_client_id()),
                 format: Format::Echo,
                 channels: Vec::new(),
+                since: Vec::new(),
                 auth: None,
             }
         }
@@ -67,6 +68,21 @@ pub fn websocket(
         }
         session.client_id = Arc::clone(&auth.grant.subject);
         session.auth = Some(auth);
+    }
+    // A raw client cannot be told in a frame that its position was not recovered: it is told
+    // here, before the upgrade.
+    if session.format == Format::Raw {
+        for (channel, position) in &session.since {
+            let standing = state.broker.registry().standing(channel, Some(*position));
+            if let Recovery::Failed(failure) = standing.recovery {
+                return Err(HttpError::NotRecovered {
+                    channel: channel.clone(),
+                    failure,
+                    epoch: standing.epoch,
+                    offset: standing.offset,
+                });
+            }
+        }
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
@@ -115,7 +131,7 @@ pub fn websocket(
 
 /// The query parameters `/ws` takes; any other is refused, so that a misspelt one
 /// (`?chanels=news`) is an error instead of a connection that silently gets nothing.
-const WS_PARAMETERS: &str = "channels, client_id, format, token";
+const WS_PARAMETERS: &str = "channels, client_id, format, since, token";
 
 /// Reads `channels`, `client_id` and `format` from the `/ws` query; `token` is read by the
 /// auth check, when auth is on (and ignored otherwise). `channels` may be given more than
@@ -129,10 +145,12 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
     let mut client_id = None;
     let mut format = None;
     let mut token = false;
+    let mut since = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let repeated = match &*key {
             "client_id" => client_id.is_some(),
             "format" => format.is_some(),
+            "since" => since.is_some(),
             "token" => std::mem::replace(&mut token, true),
             _ => false,
         };
@@ -168,11 +186,21 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
                     }
                 });
             }
+            "since" => since = Some(parse_positions(&value)?),
             "token" => {}
             _ => return Err(unknown_parameter(&key, WS_PARAMETERS)),
         }
     }
     let format = format.unwrap_or(Format::Json);
+    let since = since.unwrap_or_default();
+    if let Some((channel, _)) = since
+        .iter()
+        .find(|(channel, _)| !channels.iter().any(|c| c == channel))
+    {
+        return Err(HttpError::InvalidQuery(format!(
+            "since names channel {channel:?}, which is not in channels"
+        )));
+    }
     if format == Format::Raw && channels.len() != 1 {
         return Err(HttpError::InvalidQuery(
             "format=raw needs exactly one channel".to_owned(),
@@ -182,8 +210,46 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
         client_id: Arc::from(client_id.unwrap_or_else(random_client_id)),
         format,
         channels,
+        since,
         auth: None,
     })
+}
+
+/// Reads `since=<channel>:<epoch>:<offset>,…`: the position (epoch and the offset of the last
+/// message the client has) to recover each channel from. Channel names may hold `:`, epochs
+/// and offsets never do, so both are taken from the right.
+///
+/// # Errors
+/// [`HttpError::InvalidQuery`] naming the first entry that is not of that form, and for a
+/// channel named twice.
+pub fn parse_positions(value: &str) -> Result<Vec<(String, Position)>, HttpError> {
+    let invalid = |entry: &str| {
+        HttpError::InvalidQuery(format!(
+            "since entry {entry:?} is not <channel>:<epoch>:<offset> (the epoch and offset of \
+             the last message you have, from a welcome, subscribed or message frame)"
+        ))
+    };
+    let mut positions: Vec<(String, Position)> = Vec::new();
+    for entry in value.split(',') {
+        let mut parts = entry.rsplitn(3, ':');
+        let (Some(offset), Some(epoch), Some(channel)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid(entry));
+        };
+        name::validate(channel).map_err(HttpError::InvalidChannel)?;
+        let digits = !offset.is_empty() && offset.bytes().all(|b| b.is_ascii_digit());
+        let position = match (Epoch::parse(epoch), offset.parse::<u64>()) {
+            (Some(epoch), Ok(offset)) if digits => Position { epoch, offset },
+            _ => return Err(invalid(entry)),
+        };
+        if positions.iter().any(|(known, _)| known == channel) {
+            return Err(HttpError::InvalidQuery(format!(
+                "since names channel {channel:?} more than once"
+            )));
+        }
+        positions.push((channel.to_owned(), position));
+    }
+    Ok(positions)
 }
 
 /// `/echo` takes only `token` (when auth is on; ignored otherwise).

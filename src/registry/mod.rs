@@ -2,17 +2,28 @@
 //!
 //! Connections are spread over N shards, each a `parking_lot::Mutex<Slab<..>>` with its own
 //! channel and client indexes and its own writer task. A publish costs the publisher O(shards):
-//! it takes the channel's next offset, encodes the frame once, and hands an `Arc` of it to each
-//! shard's writer, which pushes it into the bounded outbox of every subscriber on that shard.
+//! it takes the channel's next offset, encodes the frame once, stores it in the channel's
+//! history and hands an `Arc` of it to each shard's writer, which pushes it into the bounded
+//! outbox of every subscriber on the shard.
+//!
+//! Subscribing takes two steps: [`Registry::join`] counts the subscription, and
+//! [`Registry::catch_up`] attaches it to the channel's fan-out under the channel's lock, after
+//! replaying what the client missed, in steps that fit its queue. A subscriber attached at
+//! offset n gets exactly the messages after n: those handed to the writers before the attach
+//! are held back by a floor.
+//!
+//! Lock order: a channel stripe, then a shard, then an outbox; nothing takes a stripe while it
+//! holds a shard.
 
 mod channels;
+pub mod history;
 mod interest;
 pub mod outbox;
 mod shard;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -24,6 +35,8 @@ use crate::protocol::{self, Payload};
 use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
+pub use history::{Epoch, Position, Recovery, RecoveryFailure, Standing};
+use history::{HistoryBudget, HistoryLimits};
 pub use interest::{Interest, Topic};
 pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
 use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
@@ -76,6 +89,47 @@ pub enum PublishError {
     ShuttingDown,
 }
 
+/// Where [`Registry::catch_up`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// A new subscription: from the client's position if it gave one, otherwise from now.
+    Start(Option<Position>),
+    /// A replay under way, after this position (returned by the previous step).
+    Resume(Position),
+}
+
+/// What one step of [`Registry::catch_up`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The subscription is attached: live messages follow what was queued.
+    Live(Standing),
+    /// Part of the replay is queued; call again with [`Cursor::Resume`] at `cursor` once the
+    /// client has read some of it.
+    Replaying {
+        /// Where the channel stood when the subscription started.
+        standing: Standing,
+        /// The position of the last replayed message queued.
+        cursor: Position,
+    },
+    /// The replay cannot go on: the messages after the cursor left the history window (or the
+    /// channel's stream changed) before the client read up to them. The client must be
+    /// closed, so that it reconnects with the position it really has.
+    Interrupted,
+    /// The connection is closed or closing (its queue overflowed).
+    Gone,
+}
+
+/// A page of a channel's history, for `/api/history`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The channel's epoch.
+    pub epoch: Epoch,
+    /// The channel's latest offset.
+    pub offset: u64,
+    /// The messages' offsets and frames, oldest first.
+    pub messages: Vec<(u64, Bytes)>,
+}
+
 /// The result of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishReceipt {
@@ -105,6 +159,7 @@ pub struct StatsSnapshot {
 #[derive(Debug)]
 struct Limits {
     queue_capacity: usize,
+    history: HistoryLimits,
     max_subscriptions: usize,
     client_publish_rate: u32,
     ping_interval_ms: u64,
@@ -112,8 +167,9 @@ struct Limits {
 }
 
 /// Milliseconds since the registry started: cheap to read, and small enough for an atomic.
+/// Tokio's clock, so that tests can pause and advance it.
 #[derive(Debug)]
-struct Clock(Instant);
+struct Clock(tokio::time::Instant);
 
 impl Clock {
     fn now_ms(&self) -> u64 {
@@ -128,6 +184,8 @@ struct Inner {
     limits: Limits,
     clock: Clock,
     metrics: Metrics,
+    /// The cap on the bytes every channel's history holds together.
+    history_budget: HistoryBudget,
     /// Round-robin cursor for placing new connections.
     next_shard: AtomicUsize,
     /// Registered connections.
@@ -180,13 +238,18 @@ impl Registry {
             channels: ChannelTable::default(),
             limits: Limits {
                 queue_capacity: config.queue_capacity,
+                history: HistoryLimits {
+                    size: config.history_size,
+                    ttl_ms: duration_ms(config.history_ttl),
+                },
                 max_subscriptions: config.max_subscriptions,
                 client_publish_rate: config.client_publish_rate,
                 ping_interval_ms: duration_ms(config.ping_interval),
                 idle_timeout_ms: duration_ms(config.idle_timeout),
             },
-            clock: Clock(Instant::now()),
+            clock: Clock(tokio::time::Instant::now()),
             metrics: Metrics::new(),
+            history_budget: HistoryBudget::new(config.history_memory),
             next_shard: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             tasks: AtomicUsize::new(0),
@@ -219,16 +282,19 @@ impl Registry {
 
     /// Adds a connection that writes to `socket` (`None`: a connection without one, whose
     /// frames just queue up, as in benchmarks). It receives broadcasts and direct sends at
-    /// once, and channel messages once subscribed.
+    /// once, and channel messages once subscribed. A `held` outbox writes nothing until
+    /// [`Outbox::release`], so that the connection's first frame (the welcome, which says
+    /// where its channels stand) can go in front of what is queued while it subscribes.
     pub fn register(
         &self,
         client_id: Arc<str>,
         format: Format,
         socket: Option<Arc<TcpStream>>,
+        held: bool,
     ) -> Registration {
         let inner = &*self.inner;
         let shard_index = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len();
-        let outbox = Arc::new(Outbox::new(socket, inner.clock.now_ms()));
+        let outbox = Arc::new(Outbox::new(socket, inner.clock.now_ms(), held));
         let mut state = inner.shards[shard_index].state.lock();
         let generation = state.next_generation;
         state.next_generation = generation.wrapping_add(1);
@@ -302,85 +368,283 @@ impl Registry {
 
     /// Removes a connection and all its subscriptions. A stale or repeated id does nothing.
     pub fn unregister(&self, id: ConnId) {
-        let now = self.now_ms();
         let removed = self.with_entry(id, |state, key| {
             let entry = state.conns.remove(key as usize);
             for channel in &entry.subscriptions {
                 ShardState::index_remove(&mut state.channels, channel, key);
-                if self.inner.channels.count_subscriber(
-                    channel,
-                    entry.format == Format::Raw,
-                    -1,
-                    now,
-                ) {
-                    self.mark(|| Topic::Channel(Arc::clone(channel)));
-                }
+                state.remove_floor(channel, key);
             }
             if ShardState::index_remove(&mut state.clients, &entry.client_id, key) {
                 self.mark(|| Topic::Client(Arc::clone(&entry.client_id)));
             }
+            entry
         });
-        if removed.is_some() {
-            self.inner.live.fetch_sub(1, Ordering::Relaxed);
+        let Some(entry) = removed else { return };
+        // Counted outside the shard lock: a stripe is never taken under a shard.
+        let now = self.now_ms();
+        let raw = entry.format == Format::Raw;
+        for channel in &entry.subscriptions {
+            if self.inner.channels.count_subscriber(channel, raw, -1, now) {
+                self.mark(|| Topic::Channel(Arc::clone(channel)));
+            }
         }
+        self.inner.live.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Subscribes the connection to `channel` (a valid name). Returns `false` when it already
-    /// was, which is not an error.
+    /// Subscribes the connection to `channel` (a valid name) from now on: [`Registry::join`]
+    /// and [`Registry::catch_up`] from the latest offset. Returns `false` when it already was
+    /// subscribed, which is not an error.
     ///
     /// # Errors
     /// [`SubscribeError::TooMany`] past `--max-subscriptions`; [`SubscribeError::Gone`] for a
     /// connection that is no longer registered.
     pub fn subscribe(&self, id: ConnId, channel: &str) -> Result<bool, SubscribeError> {
+        if !self.join(id, channel)? {
+            return Ok(false);
+        }
+        match self.catch_up(id, channel, Cursor::Start(None), 0, |_| None) {
+            CatchUp::Live(_) => Ok(true),
+            _ => Err(SubscribeError::Gone),
+        }
+    }
+
+    /// The first step of a subscription: counts the connection as a subscriber of `channel`
+    /// (a valid name), so that publishes are handed to the writers and, in cluster mode, the
+    /// node subscribes in Redis. It gets no message until [`Registry::catch_up`] attaches it.
+    /// Returns `false` when it already was subscribed.
+    ///
+    /// # Errors
+    /// [`SubscribeError::TooMany`] past `--max-subscriptions`; [`SubscribeError::Gone`] for a
+    /// connection that is no longer registered.
+    pub fn join(&self, id: ConnId, channel: &str) -> Result<bool, SubscribeError> {
         let limit = self.inner.limits.max_subscriptions;
-        let now = self.now_ms();
-        self.with_entry(id, |state, key| {
-            let entry = &mut state.conns[key as usize];
-            if entry.subscriptions.iter().any(|c| &**c == channel) {
-                return Ok(false);
+        let joined = self
+            .with_entry(id, |state, key| {
+                let entry = &state.conns[key as usize];
+                if entry.subscriptions.iter().any(|c| &**c == channel) {
+                    return Ok(None);
+                }
+                if entry.subscriptions.len() >= limit {
+                    return Err(SubscribeError::TooMany(limit));
+                }
+                let channel = state.intern_channel(channel);
+                let entry = &mut state.conns[key as usize];
+                // Grown one at a time: most connections subscribe to a handful of channels, and
+                // every idle connection pays for spare capacity.
+                entry.subscriptions.reserve_exact(1);
+                entry.subscriptions.push(Arc::clone(&channel));
+                Ok(Some((channel, entry.format == Format::Raw)))
+            })
+            .unwrap_or(Err(SubscribeError::Gone))?;
+        let Some((channel, raw)) = joined else {
+            return Ok(false);
+        };
+        if self
+            .inner
+            .channels
+            .count_subscriber(&channel, raw, 1, self.now_ms())
+        {
+            self.mark(|| Topic::Channel(Arc::clone(&channel)));
+        }
+        Ok(true)
+    }
+
+    /// The second step of a subscription the connection has [joined](Registry::join): under
+    /// the channel's lock, queues what the client missed after `cursor` (at most `room`
+    /// frames) and, once nothing is missing, attaches the subscription so that live messages
+    /// follow. On [`Cursor::Start`], `reply` is given where the channel stands and what the
+    /// recovery came to, and the frame it returns is queued first.
+    pub fn catch_up(
+        &self,
+        id: ConnId,
+        channel: &str,
+        cursor: Cursor,
+        room: usize,
+        reply: impl FnOnce(&Standing) -> Option<Bytes>,
+    ) -> CatchUp {
+        let inner = &*self.inner;
+        let Some((outbox, format)) = self.with_entry(id, |state, key| {
+            let entry = &state.conns[key as usize];
+            (Arc::clone(&entry.outbox), entry.format)
+        }) else {
+            return CatchUp::Gone;
+        };
+        let mut stripe = inner.channels.lock(channel);
+        let (_, state) = ChannelTable::entry(&mut stripe, channel);
+        let latest = state.offset;
+        let (after, standing, reply) = match cursor {
+            Cursor::Start(since) => {
+                let recovery = since.map_or(Recovery::NotAsked, |position| {
+                    recovery_of(position, state.epoch, latest, &state.history)
+                });
+                let after = match (recovery, since) {
+                    (Recovery::Recovered, Some(position)) => position.offset,
+                    _ => latest,
+                };
+                let standing = Standing {
+                    epoch: state.epoch,
+                    offset: latest,
+                    recovery,
+                };
+                (after, standing, reply(&standing))
             }
-            if entry.subscriptions.len() >= limit {
-                return Err(SubscribeError::TooMany(limit));
+            Cursor::Resume(position) => {
+                if position.epoch != state.epoch {
+                    return CatchUp::Interrupted;
+                }
+                let standing = Standing {
+                    epoch: state.epoch,
+                    offset: latest,
+                    recovery: Recovery::Recovered,
+                };
+                (position.offset, standing, None)
             }
-            let channel = state.intern_channel(channel);
-            let entry = &mut state.conns[key as usize];
-            // Grown one at a time: most connections subscribe to a handful of channels, and
-            // every idle connection pays for spare capacity.
-            entry.subscriptions.reserve_exact(1);
-            entry.subscriptions.push(Arc::clone(&channel));
-            let raw = entry.format == Format::Raw;
-            ShardState::index_add(&mut state.channels, &channel, key);
-            if self.inner.channels.count_subscriber(&channel, raw, 1, now) {
-                self.mark(|| Topic::Channel(Arc::clone(&channel)));
+        };
+        let frames = if after == latest || room == 0 {
+            Vec::new()
+        } else {
+            match state.history.after(after, latest, room) {
+                Some(frames) => frames,
+                None => return CatchUp::Interrupted,
             }
-            Ok(true)
+        };
+        let capacity = inner.limits.queue_capacity;
+        let replayed = frames.last().map_or(after, |(offset, _)| *offset);
+        for frame in
+            reply
+                .into_iter()
+                .chain(frames.into_iter().filter_map(|(_, frame)| match format {
+                    Format::Raw => raw_of_stored(&frame),
+                    _ => Some(frame),
+                }))
+        {
+            match outbox.push(frame, capacity) {
+                Push::Queued { .. } => {}
+                Push::Overflowed => {
+                    self.slow_consumer_dropped(id);
+                    return CatchUp::Gone;
+                }
+                Push::Closing => return CatchUp::Gone,
+            }
+        }
+        if replayed < latest {
+            return CatchUp::Replaying {
+                standing,
+                cursor: Position {
+                    epoch: standing.epoch,
+                    offset: replayed,
+                },
+            };
+        }
+        // Still under the channel's lock: no publish can take an offset past `latest` before
+        // the subscription is in the fan-out, and those up to it that the writers have yet to
+        // push stop at the floor.
+        let attached = self.with_entry(id, |shard, key| {
+            let entry = &shard.conns[key as usize];
+            let Some(channel) = entry.subscriptions.iter().find(|c| &***c == channel) else {
+                return false;
+            };
+            let channel = Arc::clone(channel);
+            ShardState::index_add(&mut shard.channels, &channel, key);
+            if latest > 0 {
+                shard.floors.entry(channel).or_default().insert(key, latest);
+            }
+            true
+        });
+        if attached == Some(true) {
+            CatchUp::Live(standing)
+        } else {
+            CatchUp::Gone
+        }
+    }
+
+    /// Where `channel` stands now (its epoch and latest offset), and what a recovery from
+    /// `since` would come to. Does not subscribe anything: a peek, for answering a request
+    /// before a connection exists.
+    pub fn standing(&self, channel: &str, since: Option<Position>) -> Standing {
+        let mut stripe = self.inner.channels.lock(channel);
+        let (_, state) = ChannelTable::entry(&mut stripe, channel);
+        Standing {
+            epoch: state.epoch,
+            offset: state.offset,
+            recovery: since.map_or(Recovery::NotAsked, |position| {
+                recovery_of(position, state.epoch, state.offset, &state.history)
+            }),
+        }
+    }
+
+    /// Up to `limit` messages of `channel`'s history, oldest first: those after `since` when
+    /// it is given, the newest ones otherwise.
+    ///
+    /// # Errors
+    /// The [`RecoveryFailure`] when `since` is in another epoch, before the window or ahead of
+    /// the stream.
+    pub fn history(
+        &self,
+        channel: &str,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<HistoryPage, (RecoveryFailure, Standing)> {
+        let mut stripe = self.inner.channels.lock(channel);
+        let (_, state) = ChannelTable::entry(&mut stripe, channel);
+        let latest = state.offset;
+        let standing = |recovery| Standing {
+            epoch: state.epoch,
+            offset: latest,
+            recovery,
+        };
+        let after = match since {
+            Some(position) => match recovery_of(position, state.epoch, latest, &state.history) {
+                Recovery::Failed(failure) => {
+                    return Err((failure, standing(Recovery::Failed(failure))));
+                }
+                _ => position.offset,
+            },
+            None => latest
+                .saturating_sub(limit as u64)
+                .max(state.history.first_offset(latest) - 1),
+        };
+        let messages = state
+            .history
+            .after(after, latest, limit)
+            .unwrap_or_default();
+        Ok(HistoryPage {
+            epoch: state.epoch,
+            offset: latest,
+            messages,
         })
-        .unwrap_or(Err(SubscribeError::Gone))
     }
 
     /// Unsubscribes the connection from `channel`. Returns whether it was subscribed.
     pub fn unsubscribe(&self, id: ConnId, channel: &str) -> bool {
-        let now = self.now_ms();
-        self.with_entry(id, |state, key| {
-            let entry = &mut state.conns[key as usize];
-            let Some(at) = entry.subscriptions.iter().position(|c| &**c == channel) else {
-                return false;
-            };
-            let channel = entry.subscriptions.swap_remove(at);
-            let raw = entry.format == Format::Raw;
-            ShardState::index_remove(&mut state.channels, &channel, key);
-            if self.inner.channels.count_subscriber(&channel, raw, -1, now) {
-                self.mark(|| Topic::Channel(Arc::clone(&channel)));
-            }
-            true
-        })
-        .unwrap_or(false)
+        let removed = self
+            .with_entry(id, |state, key| {
+                let entry = &mut state.conns[key as usize];
+                let at = entry.subscriptions.iter().position(|c| &**c == channel)?;
+                let channel = entry.subscriptions.swap_remove(at);
+                let raw = entry.format == Format::Raw;
+                ShardState::index_remove(&mut state.channels, &channel, key);
+                state.remove_floor(&channel, key);
+                Some((channel, raw))
+            })
+            .flatten();
+        let Some((channel, raw)) = removed else {
+            return false;
+        };
+        if self
+            .inner
+            .channels
+            .count_subscriber(&channel, raw, -1, self.now_ms())
+        {
+            self.mark(|| Topic::Channel(Arc::clone(&channel)));
+        }
+        true
     }
 
-    /// Publishes to `channel` (a valid name): takes the next offset and hands one encoded frame
-    /// to every shard's writer. Waits only while the writers are behind (their queues are
-    /// short, so a saturated server slows publishers down instead of queueing up latency),
-    /// never for a slow connection.
+    /// Publishes to `channel` (a valid name): takes the next offset, stores the message in the
+    /// channel's history and hands one encoded frame to every shard's writer. Waits only while
+    /// the writers are behind (their queues are short, so a saturated server slows publishers
+    /// down instead of queueing up latency), never for a slow connection.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped; no offset is used.
@@ -391,8 +655,49 @@ impl Registry {
         payload: Payload<'_>,
     ) -> Result<PublishReceipt, PublishError> {
         let inner = &*self.inner;
-        let mut permits = Vec::with_capacity(inner.shards.len());
-        for shard in inner.shards.iter() {
+        let permits = self.reserve_writers().await?;
+        let now = self.now_ms();
+        let history = inner.limits.history;
+        let mut grown = 0;
+        let receipt = {
+            let mut stripe = inner.channels.lock(channel);
+            let (name, state) = ChannelTable::entry(&mut stripe, channel);
+            state.offset += 1;
+            state.touched_ms = now;
+            let receipt = PublishReceipt {
+                offset: state.offset,
+                subscribers: state.subscribers,
+            };
+            if state.subscribers > 0 || history.size > 0 {
+                let raw = state.raw_subscribers > 0;
+                let delivery = message_delivery(name, receipt.offset, from, payload, raw);
+                if history.size > 0 {
+                    grown = state.history.push(delivery.json.clone(), now, history);
+                }
+                // Handed to the writers while the stripe is locked: that is what keeps each
+                // channel's offsets in order on every connection.
+                if state.subscribers > 0 {
+                    for permit in permits {
+                        permit.send(Arc::clone(&delivery));
+                    }
+                }
+            }
+            receipt
+        };
+        if inner.history_budget.record(grown) {
+            inner.channels.evict_oldest(&inner.history_budget);
+        }
+        inner.metrics.publishes.inc();
+        Ok(receipt)
+    }
+
+    /// A slot in every shard writer's queue, taken before a channel's lock so that handing a
+    /// message over under the lock never waits.
+    async fn reserve_writers(
+        &self,
+    ) -> Result<Vec<tokio::sync::mpsc::Permit<'_, Arc<Delivery>>>, PublishError> {
+        let mut permits = Vec::with_capacity(self.inner.shards.len());
+        for shard in self.inner.shards.iter() {
             permits.push(
                 shard
                     .tx
@@ -401,40 +706,7 @@ impl Registry {
                     .map_err(|_| PublishError::ShuttingDown)?,
             );
         }
-        let now = self.now_ms();
-        let receipt = {
-            let mut stripe = inner.channels.lock(channel);
-            let (name, state) = match stripe.get_key_value(channel) {
-                Some((name, _)) => {
-                    let name = Arc::clone(name);
-                    let state = stripe.get_mut(channel).expect("key was just found");
-                    (name, state)
-                }
-                None => {
-                    let name: Arc<str> = Arc::from(channel);
-                    let state = stripe.entry(Arc::clone(&name)).or_default();
-                    (name, state)
-                }
-            };
-            state.offset += 1;
-            state.touched_ms = now;
-            let receipt = PublishReceipt {
-                offset: state.offset,
-                subscribers: state.subscribers,
-            };
-            // Handed to the writers while the stripe is locked: that is what keeps each
-            // channel's offsets in order on every connection.
-            if state.subscribers > 0 {
-                let raw = state.raw_subscribers > 0;
-                let delivery = message_delivery(name, receipt.offset, from, payload, raw);
-                for permit in permits {
-                    permit.send(Arc::clone(&delivery));
-                }
-            }
-            receipt
-        };
-        inner.metrics.publishes.inc();
-        Ok(receipt)
+        Ok(permits)
     }
 
     /// Delivers a message that already has its `offset` (given by the cluster backplane) to
@@ -450,12 +722,22 @@ impl Registry {
         from: Option<&str>,
         payload: Payload<'_>,
     ) -> Result<(), PublishError> {
-        let (subscribed, raw) = self.inner.channels.subscribed(channel);
-        if !subscribed {
+        if !self.inner.channels.subscribed(channel).0 {
             return Ok(());
         }
-        let delivery = message_delivery(Arc::from(channel), offset, from, payload, raw);
-        self.to_every_writer(delivery).await
+        let permits = self.reserve_writers().await?;
+        let mut stripe = self.inner.channels.lock(channel);
+        let (name, state) = ChannelTable::entry(&mut stripe, channel);
+        state.offset = offset;
+        state.touched_ms = self.now_ms();
+        if state.subscribers > 0 {
+            let raw = state.raw_subscribers > 0;
+            let delivery = message_delivery(name, offset, from, payload, raw);
+            for permit in permits {
+                permit.send(Arc::clone(&delivery));
+            }
+        }
+        Ok(())
     }
 
     /// Tells every json subscriber of `channel` on this node that messages may have been
@@ -634,6 +916,25 @@ impl Registry {
 
 /// One channel message for the shard writers: the JSON envelope, and the raw frame when the
 /// channel has `format=raw` subscribers.
+/// What a recovery from `position` would come to, in a channel at `epoch` whose latest offset
+/// is `latest`.
+fn recovery_of(
+    position: Position,
+    epoch: Epoch,
+    latest: u64,
+    history: &history::History,
+) -> Recovery {
+    if position.epoch != epoch {
+        Recovery::Failed(RecoveryFailure::EpochChanged)
+    } else if position.offset > latest {
+        Recovery::Failed(RecoveryFailure::PositionAhead)
+    } else if position.offset + 1 < history.first_offset(latest) {
+        Recovery::Failed(RecoveryFailure::PositionExpired)
+    } else {
+        Recovery::Recovered
+    }
+}
+
 fn message_delivery(
     channel: Arc<str>,
     offset: u64,
@@ -643,7 +944,18 @@ fn message_delivery(
 ) -> Arc<Delivery> {
     let raw = raw.then(|| raw_frame(payload));
     let json = protocol::message_frame(&channel, offset, from, payload);
-    Arc::new(Delivery::new(Some(channel), json, raw))
+    Arc::new(Delivery::message(channel, offset, json, raw))
+}
+
+/// The frame a `format=raw` connection gets for a message replayed from the history, which
+/// keeps the json frame only.
+fn raw_of_stored(frame: &[u8]) -> Option<Bytes> {
+    let message = protocol::StoredMessage::parse(frame)?;
+    let (bytes, text) = message.raw_payload()?;
+    Some(encode_frame(
+        if text { OpCode::Text } else { OpCode::Binary },
+        &bytes,
+    ))
 }
 
 /// The frame a `format=raw` connection gets: the payload bytes, in a text frame when UTF-8.

@@ -33,6 +33,10 @@ pub enum CloseReason {
     IdleTimeout,
     /// The client's token expired and no fresh one was sent (`refresh`).
     TokenExpired,
+    /// A replay could not be completed: the messages the client still had to read left the
+    /// history window, or a `format=raw` client's position in the connect URL could not be
+    /// recovered.
+    RecoveryFailed,
     /// Writing to the socket failed: the client is gone.
     WriteFailed,
     /// The connection's own task is closing it (client close, protocol error); set so that
@@ -46,6 +50,7 @@ impl CloseReason {
         match self {
             CloseReason::SlowConsumer => 1008,
             CloseReason::TokenExpired => 4001,
+            CloseReason::RecoveryFailed => 4002,
             CloseReason::GoingAway | CloseReason::IdleTimeout => 1001,
             CloseReason::WriteFailed | CloseReason::Closing => 1000,
         }
@@ -58,6 +63,7 @@ impl CloseReason {
             CloseReason::GoingAway => "going away",
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::TokenExpired => "token expired",
+            CloseReason::RecoveryFailed => "recovery failed",
             CloseReason::WriteFailed => "write failed",
             CloseReason::Closing => "closing",
         }
@@ -114,6 +120,9 @@ struct State {
     writing: bool,
     /// The socket is full: only the connection task flushes, once it is writable again.
     blocked: bool,
+    /// Nothing is written until [`Outbox::release`]: the connection is still putting its
+    /// first frame together.
+    held: bool,
     close: Option<CloseReason>,
     /// The connection task's waker, when it is waiting.
     waker: Option<Waker>,
@@ -131,10 +140,14 @@ pub enum Flushed {
 }
 
 impl Outbox {
-    /// An empty outbox writing to `socket`, for a client last active at `now_ms`.
-    pub fn new(socket: Option<Arc<TcpStream>>, now_ms: u64) -> Self {
+    /// An empty outbox writing to `socket`, for a client last active at `now_ms`; a `held`
+    /// one writes nothing until [`Outbox::release`].
+    pub fn new(socket: Option<Arc<TcpStream>>, now_ms: u64, held: bool) -> Self {
         Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                held,
+                ..State::default()
+            }),
             last_active_ms: AtomicU64::new(now_ms),
             socket,
         }
@@ -179,7 +192,7 @@ impl Outbox {
         };
         let (mut batch, mut head) = {
             let mut state = self.state.lock();
-            if state.writing || (state.close.is_some() && !closing) {
+            if state.writing || state.held || (state.close.is_some() && !closing) {
                 return Flushed::Done;
             }
             if state.blocked {
@@ -233,6 +246,16 @@ impl Outbox {
             wake(waker);
             return outcome;
         }
+    }
+
+    /// Ends the hold of a held outbox, putting `first` in front of everything queued
+    /// meanwhile. The caller flushes next.
+    pub fn release(&self, first: Option<Bytes>) {
+        let mut state = self.state.lock();
+        if let Some(first) = first {
+            state.frames.push_front(first);
+        }
+        state.held = false;
     }
 
     /// Called by the connection task once the socket is writable again.
@@ -372,7 +395,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_once() {
-        let outbox = Outbox::new(None, 0);
+        let outbox = Outbox::new(None, 0, false);
         assert_eq!(
             outbox.push(Bytes::from_static(b"a"), 2),
             Push::Queued { first: true }
@@ -394,7 +417,7 @@ mod tests {
 
     #[test]
     fn close_keeps_only_a_partly_written_frame() {
-        let outbox = Outbox::new(None, 0);
+        let outbox = Outbox::new(None, 0, false);
         outbox.push(Bytes::from_static(b"aa"), 8);
         outbox.push(Bytes::from_static(b"bb"), 8);
         outbox.state.lock().head_written = 1;

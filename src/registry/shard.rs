@@ -29,6 +29,9 @@ pub struct Delivery {
     pub json: Bytes,
     /// The frame for raw connections; `None` when the publish found no raw subscriber.
     pub raw: Option<Bytes>,
+    /// The channel offset of a channel message, checked against the floors of subscribers
+    /// attached after it was handed over; 0 for frames without one (gaps, broadcasts).
+    pub offset: u64,
     /// When the publish was made, for the publish-to-enqueue latency.
     pub published_at: Instant,
 }
@@ -41,7 +44,16 @@ impl Delivery {
             channel,
             json,
             raw,
+            offset: 0,
             published_at: Instant::now(),
+        }
+    }
+
+    /// A channel message with its offset.
+    pub fn message(channel: Arc<str>, offset: u64, json: Bytes, raw: Option<Bytes>) -> Self {
+        Self {
+            offset,
+            ..Self::new(Some(channel), json, raw)
         }
     }
 
@@ -119,6 +131,10 @@ pub struct ShardState {
     pub channels: HashMap<Arc<str>, Keys>,
     /// Client id to the slab keys of that client's connections on this shard.
     pub clients: HashMap<Arc<str>, Keys>,
+    /// Subscribers attached to a channel at some offset, while messages up to it may still be
+    /// in the writer's queue: each gets only messages past its floor (it has the others from
+    /// its replay, or it subscribed after them). Dropped at the first message past the floor.
+    pub floors: HashMap<Arc<str>, HashMap<u32, u64>>,
     pub next_generation: u32,
 }
 
@@ -145,6 +161,16 @@ impl ShardState {
             index.remove(name);
         }
         emptied
+    }
+
+    /// Forgets the floor of `key` on `channel`, if it has one.
+    pub fn remove_floor(&mut self, channel: &str, key: u32) {
+        if let Some(floors) = self.floors.get_mut(channel) {
+            floors.remove(&key);
+            if floors.is_empty() {
+                self.floors.remove(channel);
+            }
+        }
     }
 
     /// The shard's own copy of a channel name, so that its subscribers share one allocation.
@@ -251,7 +277,7 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         let capacity = inner.limits.queue_capacity;
         let shard = &inner.shards[index];
         {
-            let state = shard.state.lock();
+            let mut state = shard.state.lock();
             for delivery in &batch {
                 let mut push = |entry: &Entry| {
                     if let Some(frame) = delivery.frame_for(entry.format) {
@@ -260,8 +286,26 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
                 };
                 match &delivery.channel {
                     Some(channel) => {
+                        let floors = state.floors.get(channel).filter(|_| delivery.offset > 0);
                         for key in state.channels.get(channel).into_iter().flat_map(Keys::iter) {
-                            push(&state.conns[key as usize]);
+                            let below_floor = floors.is_some_and(|floors| {
+                                floors
+                                    .get(&key)
+                                    .is_some_and(|&floor| delivery.offset <= floor)
+                            });
+                            if !below_floor {
+                                push(&state.conns[key as usize]);
+                            }
+                        }
+                        if floors.is_some() {
+                            // Messages come in offset order: a floor this one reached is done.
+                            let offset = delivery.offset;
+                            if let Some(floors) = state.floors.get_mut(channel) {
+                                floors.retain(|_, floor| *floor > offset);
+                                if floors.is_empty() {
+                                    state.floors.remove(channel);
+                                }
+                            }
                         }
                     }
                     None => state.conns.iter().for_each(|(_, entry)| push(entry)),
@@ -334,7 +378,9 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
         }
         if index == 0 && now.saturating_sub(last_sweep_ms) >= SWEEP_EVERY_MS {
             last_sweep_ms = now;
-            inner.channels.sweep(now);
+            inner
+                .channels
+                .sweep(now, inner.limits.history.ttl_ms, &inner.history_budget);
         }
     }
 }
