@@ -646,10 +646,11 @@ fn message_delivery(
     Arc::new(Delivery::new(Some(channel), json, raw))
 }
 
-/// The frame a `format=raw` connection gets: the payload bytes, in a text frame when UTF-8.
+/// The frame a `format=raw` connection gets (see [`Payload::raw`]): a JSON string's text, any
+/// other payload's bytes; in a text frame unless the payload is binary.
 fn raw_frame(payload: Payload<'_>) -> Bytes {
     let (bytes, text) = payload.raw();
-    encode_frame(if text { OpCode::Text } else { OpCode::Binary }, bytes)
+    encode_frame(if text { OpCode::Text } else { OpCode::Binary }, &bytes)
 }
 
 fn duration_ms(duration: Duration) -> u64 {
