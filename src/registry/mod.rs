@@ -33,7 +33,8 @@ use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
 pub enum Format {
     /// JSON envelopes (`{"type":"message",...}`) and the JSON request protocol.
     Json,
-    /// The payload bytes of one channel's messages, nothing else.
+    /// The payload of one channel's messages (and of direct sends and broadcasts), nothing
+    /// else: a JSON string as its text, see [`Payload::raw`].
     Raw,
     /// The `/echo` endpoint: no messages at all, only the echo of what the client sends.
     Echo,
