@@ -8,7 +8,8 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 use bytes::{Buf as _, Bytes};
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::name::{self, NameError};
@@ -35,7 +36,7 @@ impl<'a> Payload<'a> {
     pub fn from_body(body: &'a [u8], declared_json: bool) -> Result<Self, PayloadError> {
         if declared_json {
             serde_json::from_slice::<&RawValue>(body)
-                .map_err(|err| PayloadError::InvalidJson(err.to_string()))?;
+                .map_err(|err| PayloadError::InvalidJson(JsonError::from_serde(&err)))?;
             check_depth(body, MAX_JSON_DEPTH).map_err(PayloadError::InvalidJson)?;
             return Ok(Payload::Json(body));
         }
@@ -45,12 +46,19 @@ impl<'a> Payload<'a> {
         })
     }
 
-    /// The bytes a `format=raw` subscriber receives, and whether they go in a text frame.
-    pub fn raw(&self) -> (&'a [u8], bool) {
+    /// The bytes a `format=raw` subscriber receives, and whether they go in a text frame: a
+    /// JSON string's text, unescaped; any other JSON value as its JSON text; text as it is;
+    /// binary byte for byte. (A JSON string whose escapes name no Unicode text, a lone
+    /// surrogate, cannot be text: it goes as its JSON text.)
+    pub fn raw(&self) -> (Cow<'a, [u8]>, bool) {
         match *self {
-            Payload::Json(bytes) => (bytes, true),
-            Payload::Text(text) => (text.as_bytes(), true),
-            Payload::Binary(bytes) => (bytes, false),
+            Payload::Json(json) => match string_value(json) {
+                Some(Cow::Borrowed(text)) => (Cow::Borrowed(text.as_bytes()), true),
+                Some(Cow::Owned(text)) => (Cow::Owned(text.into_bytes()), true),
+                None => (Cow::Borrowed(json), true),
+            },
+            Payload::Text(text) => (Cow::Borrowed(text.as_bytes()), true),
+            Payload::Binary(bytes) => (Cow::Borrowed(bytes), false),
         }
     }
 
@@ -68,8 +76,21 @@ impl<'a> Payload<'a> {
 /// this limit a publisher could hand every subscriber a document its parser refuses.
 pub const MAX_JSON_DEPTH: usize = 126;
 
+/// The text of `json` (one valid JSON value, whitespace around it allowed) when it is a string,
+/// borrowed when it has no escapes; `None` for any other value, and for a string that does not
+/// decode to Unicode text.
+fn string_value(json: &[u8]) -> Option<Cow<'_, str>> {
+    let literal = json.trim_ascii();
+    let inner = literal.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.contains(&b'\\') {
+        serde_json::from_slice(literal).ok().map(Cow::Owned)
+    } else {
+        std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+    }
+}
+
 /// Checks that valid JSON nests no deeper than `limit`, in one pass without recursion.
-fn check_depth(json: &[u8], limit: usize) -> Result<(), String> {
+fn check_depth(json: &[u8], limit: usize) -> Result<(), JsonError> {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -88,7 +109,7 @@ fn check_depth(json: &[u8], limit: usize) -> Result<(), String> {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
-                    return Err(format!("nested deeper than {limit} levels"));
+                    return Err(JsonError::TooDeep(limit));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -98,12 +119,66 @@ fn check_depth(json: &[u8], limit: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Why text is not one JSON value, said in terms of the JSON text: where the parser stopped and
+/// why, never which Rust type it was reading into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// The text breaks the JSON syntax at `line`:`column`.
+    #[error("{reason} at line {line} column {column}")]
+    Syntax {
+        /// The line the parser stopped on, from 1.
+        line: usize,
+        /// The column the parser stopped at, from 1.
+        column: usize,
+        /// What it found wrong there, e.g. "expected `,` or `}`".
+        reason: String,
+    },
+    /// The text ends before its JSON value does.
+    #[error("the text ends at line {line} column {column} before the JSON value is complete")]
+    Truncated {
+        /// The last line, from 1.
+        line: usize,
+        /// The column the text ends at.
+        column: usize,
+    },
+    /// Arrays and objects nest deeper than the limit.
+    #[error("nested deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+impl JsonError {
+    /// Describes a serde_json refusal of text read as raw JSON (`&RawValue`, or a struct of
+    /// raw and string fields), which can only be about the syntax. serde_json describes those
+    /// in JSON's own terms; its position suffix is rebuilt from `line()` and `column()`, and its
+    /// one piece of parser jargon reworded.
+    fn from_serde(err: &serde_json::Error) -> Self {
+        let (line, column) = (err.line(), err.column());
+        if err.is_eof() {
+            return JsonError::Truncated { line, column };
+        }
+        let text = err.to_string();
+        let reason = text
+            .strip_suffix(&format!(" at line {line} column {column}"))
+            .unwrap_or(&text);
+        let reason = match reason {
+            "expected ident" => "expected `true`, `false` or `null`",
+            other => other,
+        };
+        JsonError::Syntax {
+            line,
+            column,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// A publish body that cannot be delivered as declared.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
-    /// The body was declared `application/json` but does not parse as one JSON value.
+    /// The body was declared `application/json` but is not one JSON value within
+    /// [`MAX_JSON_DEPTH`].
     #[error("body is not valid JSON: {0}")]
-    InvalidJson(String),
+    InvalidJson(JsonError),
 }
 
 /// One request a client sent on a json connection.
@@ -125,14 +200,14 @@ pub enum Request<'a> {
     Publish {
         /// The channel, already validated.
         channel: Cow<'a, str>,
-        /// One JSON value (`null` when the client sent none).
+        /// One JSON value, as the client sent it (an explicit `null` included).
         data: &'a str,
     },
     /// Send `data` to every connection of one client id.
     Send {
         /// The receiving client id, already validated.
         to: Cow<'a, str>,
-        /// One JSON value (`null` when the client sent none).
+        /// One JSON value, as the client sent it (an explicit `null` included).
         data: &'a str,
     },
     /// Replace the connection's token (JWT auth) before it expires.
@@ -146,9 +221,18 @@ pub enum Request<'a> {
 /// frame with [`RequestError::code`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    /// The frame is not one JSON object, or nests deeper than [`MAX_JSON_DEPTH`] + 1 levels.
+    /// The frame is not one JSON value, or nests deeper than [`MAX_JSON_DEPTH`] + 1 levels.
     #[error("invalid JSON: {0}")]
-    InvalidJson(String),
+    InvalidJson(JsonError),
+    /// The frame is JSON but not an object.
+    #[error("the request must be a JSON object")]
+    NotAnObject,
+    /// A field that holds a name, a type or a token holds another kind of JSON value.
+    #[error("field `{0}` must be a string")]
+    NotAString(&'static str),
+    /// A field the server reads appears more than once in the object.
+    #[error("a request field appears more than once")]
+    RepeatedField,
     /// A field the request type needs is absent.
     #[error("missing field `{0}`")]
     MissingField(&'static str),
@@ -173,7 +257,10 @@ impl RequestError {
     /// The stable, machine-readable code carried in the error frame.
     pub fn code(&self) -> &'static str {
         match self {
-            RequestError::InvalidJson(_) => "invalid_json",
+            RequestError::InvalidJson(_)
+            | RequestError::NotAnObject
+            | RequestError::NotAString(_)
+            | RequestError::RepeatedField => "invalid_json",
             RequestError::MissingField(_) => "missing_field",
             RequestError::UnknownType => "unknown_type",
             RequestError::InvalidChannel(_) => "invalid_channel",
@@ -183,22 +270,101 @@ impl RequestError {
     }
 }
 
+/// A request as sent. The fields are read only as far as JSON goes (the ones that must be
+/// strings as [`Text`]), so that serde refuses nothing but bad syntax and repeated fields, and
+/// [`interpret`] says what else is wrong in the client's terms.
 #[derive(Deserialize)]
 struct WireRequest<'a> {
     #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
     #[serde(borrow)]
-    channel: Option<Cow<'a, str>>,
+    channel: Option<Text<'a>>,
     #[serde(borrow)]
-    to: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    to: Option<Text<'a>>,
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
-    token: Option<Cow<'a, str>>,
+    token: Option<Text<'a>>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
+}
+
+/// Reads a field that is there as `Some`, an explicit `null` included: `Option<&RawValue>` on
+/// its own reads `"data":null` as `None`, the same as no `data` at all.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// A request field that must be a string: its text, or the fact that it holds another JSON
+/// value (`null` is an absent field, read as `None` around this).
+enum Text<'a> {
+    String(Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+/// Takes any JSON value, keeping only a string's text.
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Text::String(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Text::String(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Text::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Text::Other)
+    }
+}
+
+/// The text of a field that must be a string; `None` when it is absent or `null`.
+fn string<'a>(
+    field: Option<Text<'a>>,
+    name: &'static str,
+) -> Result<Option<Cow<'a, str>>, RequestError> {
+    match field {
+        None => Ok(None),
+        Some(Text::String(text)) => Ok(Some(text)),
+        Some(Text::Other) => Err(RequestError::NotAString(name)),
+    }
 }
 
 /// A position as clients send it in `since`.
@@ -233,22 +399,27 @@ pub struct ParsedRequest<'a> {
 
 /// Parses one text frame from a json-format client.
 pub fn parse_request(text: &str) -> ParsedRequest<'_> {
+    let refused = |err| ParsedRequest {
+        id: None,
+        request: Err(err),
+    };
     // The request object is one level; its `data` and `id` may use the rest, exactly as deep
     // as an HTTP payload may be. Checked first, so that nothing too deep is echoed back either.
     if let Err(err) = check_depth(text.as_bytes(), MAX_JSON_DEPTH + 1) {
-        return ParsedRequest {
-            id: None,
-            request: Err(RequestError::InvalidJson(err)),
-        };
+        return refused(RequestError::InvalidJson(err));
+    }
+    // serde would read an array as the request's fields in order.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return refused(RequestError::NotAnObject);
     }
     let wire: WireRequest<'_> = match serde_json::from_str(text) {
         Ok(wire) => wire,
-        Err(err) => {
-            return ParsedRequest {
-                id: None,
-                request: Err(RequestError::InvalidJson(err.to_string())),
-            };
-        }
+        // Every field takes any JSON value: what is valid JSON yet refused is a repeated field.
+        Err(err) if err.is_data() => return refused(RequestError::RepeatedField),
+        Err(err) => return refused(RequestError::InvalidJson(JsonError::from_serde(&err))),
     };
     ParsedRequest {
         id: wire.id,
@@ -257,16 +428,19 @@ pub fn parse_request(text: &str) -> ParsedRequest<'_> {
 }
 
 fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
-    let kind = wire.kind.ok_or(RequestError::MissingField("type"))?;
+    let kind = string(wire.kind, "type")?.ok_or(RequestError::MissingField("type"))?;
+    let channel = string(wire.channel, "channel")?;
+    let to = string(wire.to, "to")?;
+    let token = string(wire.token, "token")?;
     let channel = || -> Result<Cow<'_, str>, RequestError> {
-        let channel = wire
-            .channel
-            .clone()
-            .ok_or(RequestError::MissingField("channel"))?;
+        let channel = channel.ok_or(RequestError::MissingField("channel"))?;
         name::validate(&channel).map_err(RequestError::InvalidChannel)?;
         Ok(channel)
     };
-    let data = wire.data.map_or("null", RawValue::get);
+    let data = wire
+        .data
+        .map(RawValue::get)
+        .ok_or(RequestError::MissingField("data"));
     match &*kind {
         "subscribe" => Ok(Request::Subscribe {
             channel: channel()?,
@@ -277,15 +451,15 @@ fn interpret(wire: WireRequest<'_>) -> Result<Request<'_>, RequestError> {
         }),
         "publish" => Ok(Request::Publish {
             channel: channel()?,
-            data,
+            data: data?,
         }),
         "send" => {
-            let to = wire.to.ok_or(RequestError::MissingField("to"))?;
+            let to = to.ok_or(RequestError::MissingField("to"))?;
             name::validate(&to).map_err(RequestError::InvalidClientId)?;
-            Ok(Request::Send { to, data })
+            Ok(Request::Send { to, data: data? })
         }
         "refresh" => Ok(Request::Refresh {
-            token: wire.token.ok_or(RequestError::MissingField("token"))?,
+            token: token.ok_or(RequestError::MissingField("token"))?,
         }),
         _ => Err(RequestError::UnknownType),
     }
@@ -692,12 +866,19 @@ mod tests {
                 data: "[1]"
             })
         );
-        let send = parse_request(r#"{"type":"send","to":"bob"}"#).request;
+        let send = parse_request(r#"{"type":"send","to":"bob","data":null}"#).request;
         assert_eq!(
             send,
             Ok(Request::Send {
                 to: "bob".into(),
                 data: "null"
+            })
+        );
+        let escaped = parse_request(r#"{"type":"refresh","token":"a\u002eb"}"#).request;
+        assert_eq!(
+            escaped,
+            Ok(Request::Refresh {
+                token: "a.b".into()
             })
         );
         let sub = parse_request(r#"{"type":"subscribe","channel":"a\/b"}"#).request;
@@ -741,6 +922,8 @@ mod tests {
         assert_eq!(code("{"), "invalid_json");
         assert_eq!(code("[1]"), "invalid_json");
         assert_eq!(code(r#"{"channel":"a"}"#), "missing_field");
+        assert_eq!(code(r#"{"type":"publish","channel":"a"}"#), "missing_field");
+        assert_eq!(code(r#"{"type":"send","to":"b"}"#), "missing_field");
         assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
         assert_eq!(
             code(r#"{"type":"subscribe","channel":"a b"}"#),
@@ -756,6 +939,101 @@ mod tests {
         );
         let parsed = parse_request(r#"{"type":"nope","id":"x"}"#);
         assert_eq!(parsed.id.map(RawValue::get), Some(r#""x""#));
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong_in_json_terms() {
+        let error = |text: &str| parse_request(text).request.unwrap_err();
+        assert_eq!(
+            error(r#"["subscribe",null,"a"]"#),
+            RequestError::NotAnObject
+        );
+        assert_eq!(error(r#" "x""#), RequestError::NotAnObject);
+        assert_eq!(
+            error(r#"{"type":"subscribe","channel":7}"#),
+            RequestError::NotAString("channel")
+        );
+        assert_eq!(
+            error(r#"{"type":{"a":[1]},"channel":"a"}"#),
+            RequestError::NotAString("type")
+        );
+        assert_eq!(
+            error(r#"{"type":"subscribe","channel":"a","to":[]}"#),
+            RequestError::NotAString("to")
+        );
+        assert_eq!(
+            error(r#"{"type":"subscribe","type":"publish","channel":"a"}"#),
+            RequestError::RepeatedField
+        );
+        assert_eq!(
+            error(r#"{"type":"publish","channel":"a","data":1,"data":2}"#),
+            RequestError::RepeatedField
+        );
+        assert_eq!(
+            error(r#"{"type":"subscribe","channel":"a"#).to_string(),
+            "invalid JSON: the text ends at line 1 column 32 before the JSON value is complete"
+        );
+        assert_eq!(
+            error(r#"{"type" "subscribe"}"#).to_string(),
+            "invalid JSON: expected `:` at line 1 column 9"
+        );
+        assert_eq!(
+            error(r#"{"type":"publish","channel":"a","data":tru}"#).to_string(),
+            "invalid JSON: expected `true`, `false` or `null` at line 1 column 43"
+        );
+        assert_eq!(
+            error(r#"{"type":"subscribe","channel":"\ud800"}"#).code(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn raw_subscribers_get_a_json_string_as_its_text() {
+        let raw = |payload: Payload<'_>| {
+            let (bytes, text) = payload.raw();
+            (String::from_utf8_lossy(&bytes).into_owned(), text)
+        };
+        assert_eq!(raw(Payload::Json(br#""hi""#)), ("hi".to_owned(), true));
+        assert_eq!(
+            raw(Payload::Json(b" \"a\\n\\u00e9\\\"\" \n")),
+            ("a\n\u{e9}\"".to_owned(), true)
+        );
+        assert_eq!(
+            raw(Payload::Json(br#"{"a":"b"}"#)),
+            (r#"{"a":"b"}"#.to_owned(), true)
+        );
+        assert_eq!(raw(Payload::Json(b"null")), ("null".to_owned(), true));
+        assert_eq!(raw(Payload::Json(b"17")), ("17".to_owned(), true));
+        assert_eq!(
+            raw(Payload::Json(br#""\ud800""#)),
+            (r#""\ud800""#.to_owned(), true),
+            "a lone surrogate is no text: it goes as JSON"
+        );
+        assert_eq!(raw(Payload::Text(r#""hi""#)), (r#""hi""#.to_owned(), true));
+        assert!(matches!(
+            Payload::Json(br#""plain""#).raw().0,
+            Cow::Borrowed(_)
+        ));
+        let (bytes, text) = Payload::Binary(&[0xff]).raw();
+        assert_eq!((&*bytes, text), (&[0xff][..], false));
+    }
+
+    #[test]
+    fn payload_errors_describe_the_json() {
+        let error = |body: &[u8]| Payload::from_body(body, true).unwrap_err().to_string();
+        assert_eq!(
+            error(b"[1,]"),
+            "body is not valid JSON: expected value at line 1 column 4"
+        );
+        assert_eq!(
+            error(b""),
+            "body is not valid JSON: the text ends at line 1 column 0 before the JSON value is complete"
+        );
+        let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert_eq!(
+            error(deep.as_bytes()),
+            "body is not valid JSON: nested deeper than 126 levels"
+        );
     }
 
     #[test]

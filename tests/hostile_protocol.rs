@@ -84,7 +84,7 @@ async fn garbage_json_gets_invalid_json_and_the_connection_stays() {
             "not_subscribed",
         ),
         (
-            json!({"type": "send", "to": "nobody-here", "id": 8}),
+            json!({"type": "send", "to": "nobody-here", "data": 1, "id": 8}),
             "client_not_found",
         ),
     ];

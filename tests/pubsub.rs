@@ -266,6 +266,113 @@ async fn raw_format_delivers_payload_bytes_unchanged() {
     assert_eq!(code, 1003, "raw connections are receive-only");
 }
 
+/// A raw subscriber gets a JSON string as its text, however it was published, and any other
+/// JSON value as JSON text; the same for direct sends and broadcasts.
+#[tokio::test]
+async fn raw_subscribers_get_json_strings_as_their_text() {
+    let server = TestServer::default().await;
+    let mut raw = server
+        .connect("/ws?channels=t&format=raw&client_id=r")
+        .await;
+    let (mut publisher, _) = server.connect_json("client_id=p").await;
+    let mut http = server.http().await;
+    let text_body = http
+        .request(
+            "POST",
+            "/api/publish/t",
+            &[("content-type", "text/plain")],
+            b"hi",
+        )
+        .await;
+    assert_eq!(text_body.status, 200);
+    assert_eq!(recv(&mut raw).await, Message::text("hi"));
+    let json_string = http.post_json("/api/publish/t", r#" "hi \"you\"" "#).await;
+    assert_eq!(json_string.status, 200);
+    assert_eq!(recv(&mut raw).await, Message::text(r#"hi "you""#));
+    for (data, expected) in [
+        (json!("line\nbreak \u{e9}"), "line\nbreak \u{e9}"),
+        (json!({"a": "b"}), r#"{"a":"b"}"#),
+        (json!(["x", 1]), r#"["x",1]"#),
+        (json!(7), "7"),
+        (json!(null), "null"),
+    ] {
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","channel":"t","data":data}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["type"], "published");
+        assert_eq!(recv(&mut raw).await, Message::text(expected), "for {data}");
+    }
+    // The escapes reach the raw subscriber decoded, not as the JSON escapes the client wrote.
+    publisher
+        .send(Message::text(
+            r#"{"type":"publish","channel":"t","data":"tab\t\u00e9\ud83d\ude00"}"#,
+        ))
+        .await
+        .expect("send");
+    assert_eq!(recv_json(&mut publisher).await["type"], "published");
+    assert_eq!(recv(&mut raw).await, Message::text("tab\t\u{e9}\u{1f600}"));
+    send_json(
+        &mut publisher,
+        json!({"type":"send","to":"r","data":"direct \"d\""}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut publisher).await["type"], "sent");
+    assert_eq!(recv(&mut raw).await, Message::text(r#"direct "d""#));
+    let broadcast = http.post_json("/api/broadcast", r#""to all""#).await;
+    assert_eq!(broadcast.status, 200);
+    assert_eq!(recv(&mut raw).await, Message::text("to all"));
+    let sent = http.post_json("/api/send/r", r#"{"k":"v"}"#).await;
+    assert_eq!(sent.status, 200);
+    assert_eq!(recv(&mut raw).await, Message::text(r#"{"k":"v"}"#));
+}
+
+/// `publish` and `send` without `data` are refused (nothing is delivered); `"data":null` is
+/// a payload like any other.
+#[tokio::test]
+async fn publish_and_send_need_data_and_null_is_data() {
+    let server = TestServer::default().await;
+    let (mut subscriber, _) = server.connect_json("channels=c&client_id=sub").await;
+    let (mut publisher, _) = server.connect_json("client_id=pub").await;
+    for request in [
+        json!({"type":"publish","channel":"c","id":1}),
+        json!({"type":"send","to":"sub","id":2}),
+    ] {
+        send_json(&mut publisher, request.clone()).await;
+        let error = recv_json(&mut publisher).await;
+        assert_eq!(error["type"], "error", "{request}");
+        assert_eq!(error["code"], "missing_field", "{request}");
+        assert_eq!(error["id"], request["id"], "{request}");
+        assert_eq!(error["message"], "missing field `data`", "{request}");
+    }
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","channel":"c","data":null,"id":3}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut publisher).await,
+        json!({"type":"published","id":3,"channel":"c","offset":1,"subscribers":1})
+    );
+    send_json(
+        &mut publisher,
+        json!({"type":"send","to":"sub","data":null,"id":4}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut publisher).await["type"], "sent");
+    // The refused requests came first: had either reached the subscriber, it would be here
+    // before these (and the publish would not have offset 1).
+    assert_eq!(
+        recv_json(&mut subscriber).await,
+        json!({"type":"message","channel":"c","offset":1,"from":"pub","data":null})
+    );
+    assert_eq!(
+        recv_json(&mut subscriber).await,
+        json!({"type":"direct","from":"pub","data":null})
+    );
+}
+
 #[tokio::test]
 async fn bad_requests_get_error_frames_and_the_connection_stays_open() {
     let server = TestServer::start(Config::default().max_subscriptions(2)).await;

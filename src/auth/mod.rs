@@ -58,9 +58,9 @@ pub enum AuthError {
     /// No token in `Authorization: Bearer` or `?token=`.
     #[error("a token is required: Authorization: Bearer <jwt> or ?token=<jwt>")]
     Missing,
-    /// Not three base64url parts with a JSON header and claims.
+    /// Not three base64url parts with a JSON header and claims; says which.
     #[error("malformed token: {0}")]
-    Malformed(String),
+    Malformed(&'static str),
     /// The header's `alg` is `none`, unknown, or not one the configured keys verify.
     #[error("algorithm {0} is not accepted")]
     AlgorithmNotAllowed(String),
@@ -261,7 +261,7 @@ impl Verifier {
             .into_iter()
             .flatten()
             .find(|key| key.validation.algorithms.contains(&header.alg))
-            .ok_or_else(|| AuthError::AlgorithmNotAllowed(format!("{:?}", header.alg)))?;
+            .ok_or_else(|| AuthError::AlgorithmNotAllowed(alg_name(header.alg).to_owned()))?;
         let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|err| claims_error(err.into_kind(), header.alg))?
             .claims;
@@ -325,7 +325,7 @@ fn header_error(token: &str, err: &jsonwebtoken::errors::Error) -> AuthError {
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return AuthError::Malformed(err.to_string());
+        return malformed(err.kind());
     };
     let alg = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header)
@@ -335,7 +335,12 @@ fn header_error(token: &str, err: &jsonwebtoken::errors::Error) -> AuthError {
         Some(AlgOnly { alg }) if Algorithm::from_str(&alg).is_err() => {
             AuthError::AlgorithmNotAllowed(alg)
         }
-        _ => AuthError::Malformed(err.to_string()),
+        _ => match err.kind() {
+            ErrorKind::Json(_) => {
+                AuthError::Malformed("the header is not a JSON object with an alg")
+            }
+            other => malformed(other),
+        },
     }
 }
 
@@ -347,11 +352,90 @@ fn claims_error(kind: ErrorKind, alg: Algorithm) -> AuthError {
         ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
         ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
-        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(format!("{alg:?}")),
+        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(alg_name(alg).to_owned()),
         ErrorKind::InvalidClaimFormat(claim) => {
             AuthError::InvalidClaims(format!("`{claim}` has the wrong type"))
         }
-        ErrorKind::Json(err) => AuthError::InvalidClaims(err.to_string()),
-        other => AuthError::Malformed(format!("{other:?}")),
+        // The claims are JSON of the wrong shape (serde_json's own words would name our types).
+        ErrorKind::Json(err) if err.is_data() => AuthError::InvalidClaims(
+            "a claim has the wrong type: `sub` must be a string, `exp` and `nbf` whole numbers \
+             of seconds, `channels`, `publish` and `send` lists of strings"
+                .to_owned(),
+        ),
+        ErrorKind::Json(_) => AuthError::Malformed("the claims are not a JSON object"),
+        other => malformed(&other),
+    }
+}
+
+/// Says which part of the token format is broken, in the client's terms (the JWT crate's own
+/// text for these is the name of its error variant).
+fn malformed(kind: &ErrorKind) -> AuthError {
+    AuthError::Malformed(match kind {
+        ErrorKind::InvalidToken => "not three parts separated by dots",
+        ErrorKind::Base64(_) => "a part is not base64url",
+        ErrorKind::Utf8(_) => "a part is not UTF-8",
+        ErrorKind::Json(_) => "a part is not JSON",
+        _ => "it cannot be decoded",
+    })
+}
+
+/// The name of `alg` in a JWT header (RFC 7518, RFC 8037).
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alg_names_are_the_ones_tokens_use() {
+        for alg in [
+            AlgorithmFamily::Hmac,
+            AlgorithmFamily::Rsa,
+            AlgorithmFamily::Ec,
+            AlgorithmFamily::Ed,
+        ]
+        .iter()
+        .flat_map(AlgorithmFamily::algorithms)
+        {
+            assert_eq!(Algorithm::from_str(alg_name(*alg)).ok(), Some(*alg));
+        }
+    }
+
+    #[test]
+    fn malformed_tokens_say_which_part_is_broken() {
+        let config = Config::default().jwt_secret(Some("s".repeat(MIN_SECRET_BYTES)));
+        let verifier = Verifier::from_config(&config).unwrap().unwrap();
+        let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let header = encode(r#"{"alg":"HS256"}"#);
+        for (token, reason) in [
+            ("abc", "not three parts separated by dots"),
+            ("a.b.c", "a part is not base64url"),
+            (
+                &format!("{}.e30.sig", encode("[1]")),
+                "the header is not a JSON object with an alg",
+            ),
+            (&format!("{header}.e30.!"), "a part is not base64url"),
+        ] {
+            assert_eq!(
+                verifier.verify(token).unwrap_err(),
+                AuthError::Malformed(reason),
+                "{token}"
+            );
+        }
     }
 }

@@ -18,7 +18,7 @@ use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use rand::Rng as _;
 use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, Client, Msg, Script};
+use redis::{AsyncConnectionConfig, Client, Msg, RedisError, Script};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -331,15 +331,24 @@ impl Backplane {
         &self,
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, BrokerError> {
-        let err = match result {
+        let reason = match result {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => format!("redis did not answer within {:?}", self.timeout),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "publish to redis failed");
+                describe(&err)
+            }
+            Err(_) => {
+                let reason = format!(
+                    "redis did not answer within {} ms",
+                    self.timeout.as_millis()
+                );
+                tracing::warn!(%reason, "publish to redis failed");
+                reason
+            }
         };
         self.registry.metrics().broker_publish_failures.inc();
         *self.publisher.lock().await = None;
-        tracing::warn!(%err, "publish to redis failed");
-        Err(BrokerError::Unavailable(err))
+        Err(BrokerError::Unavailable(reason))
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, BrokerError> {
@@ -369,7 +378,11 @@ async fn publisher_connection(
         }
         Ok(Err(err)) => {
             registry.metrics().broker_publish_failures.inc();
-            Err(BrokerError::Unavailable(err.to_string()))
+            tracing::warn!(%err, "connecting to redis for publishing failed");
+            Err(BrokerError::Unavailable(format!(
+                "cannot connect to redis: {}",
+                describe(&err)
+            )))
         }
         Err(_) => {
             registry.metrics().broker_publish_failures.inc();
@@ -377,6 +390,26 @@ async fn publisher_connection(
                 "redis connect timed out".to_owned(),
             ))
         }
+    }
+}
+
+/// A Redis failure in words for the clients that see it (`broker_unavailable` replies and
+/// `/readyz`): the redis crate's own text names its error kinds as Rust identifiers. The full
+/// error goes to the log where it happens.
+fn describe(err: &RedisError) -> String {
+    if err.is_timeout() {
+        return "redis did not answer in time".to_owned();
+    }
+    if err.is_connection_refusal() {
+        return "redis refused the connection".to_owned();
+    }
+    if err.is_io_error() || err.is_connection_dropped() {
+        return "the connection to redis failed".to_owned();
+    }
+    match (err.code(), err.detail()) {
+        (Some(code), Some(detail)) => format!("redis answered {code} {detail}"),
+        (Some(code), None) => format!("redis answered {code}"),
+        (None, _) => format!("redis failed: {}", err.category()),
     }
 }
 
@@ -436,7 +469,10 @@ impl Subscriber {
         let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
         {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => return not_ready(format!("cannot connect to redis: {err}")),
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "redis subscriber connection failed");
+                return not_ready(format!("cannot connect to redis: {}", describe(&err)));
+            }
             Err(_) => return not_ready("connecting to redis timed out".to_owned()),
         };
         let (mut sink, mut stream) = pubsub.split();
@@ -495,7 +531,7 @@ impl Subscriber {
                         // Also a backstop for a wake-up lost in a race: marks never wait
                         // longer than one ping.
                         Ok(Ok(_)) => self.follow_interest(&sink).await,
-                        Ok(Err(err)) => Err(format!("redis ping failed: {err}")),
+                        Ok(Err(err)) => Err(format!("redis ping failed: {}", describe(&err))),
                         Err(_) => Err("redis did not answer a ping in time".to_owned()),
                     }
                 }
@@ -529,7 +565,7 @@ impl Subscriber {
                 };
                 match tokio::time::timeout(self.timeout, call).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(err)) => Err(format!("redis {command} failed: {err}")),
+                    Ok(Err(err)) => Err(format!("redis {command} failed: {}", describe(&err))),
                     Err(_) => Err(format!("redis did not answer {command} in time")),
                 }
             }
@@ -677,4 +713,27 @@ enum Route<'a> {
     Channel(&'a str),
     Client(&'a str),
     Broadcast,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_failures_are_described_in_words() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(describe(&refused), "redis refused the connection");
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(describe(&reset), "the connection to redis failed");
+        let typed = RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "Response was of incompatible type",
+            "\"nil\"".to_owned(),
+        ));
+        assert!(
+            typed.to_string().contains("UnexpectedReturnType"),
+            "the crate's own text: {typed}"
+        );
+        assert_eq!(describe(&typed), "redis failed: type error");
+    }
 }

@@ -46,7 +46,8 @@ use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
 pub enum Format {
     /// JSON envelopes (`{"type":"message",...}`) and the JSON request protocol.
     Json,
-    /// The payload bytes of one channel's messages, nothing else.
+    /// The payload of one channel's messages (and of direct sends and broadcasts), nothing
+    /// else: a JSON string as its text, see [`Payload::raw`].
     Raw,
     /// The `/echo` endpoint: no messages at all, only the echo of what the client sends.
     Echo,
@@ -958,10 +959,11 @@ fn raw_of_stored(frame: &[u8]) -> Option<Bytes> {
     ))
 }
 
-/// The frame a `format=raw` connection gets: the payload bytes, in a text frame when UTF-8.
+/// The frame a `format=raw` connection gets (see [`Payload::raw`]): a JSON string's text, any
+/// other payload's bytes; in a text frame unless the payload is binary.
 fn raw_frame(payload: Payload<'_>) -> Bytes {
     let (bytes, text) = payload.raw();
-    encode_frame(if text { OpCode::Text } else { OpCode::Binary }, bytes)
+    encode_frame(if text { OpCode::Text } else { OpCode::Binary }, &bytes)
 }
 
 fn duration_ms(duration: Duration) -> u64 {

@@ -21,9 +21,9 @@ use crate::{Common, Meter, spawn_worker};
 /// Options of `echo`.
 #[derive(Debug, Args, Clone)]
 pub struct EchoArgs {
-    /// Echo WebSocket URL (`{i}` is replaced by the connection's index, e.g. nchan's
-    /// `ws://127.0.0.1:PORT/pubsub/e{i}`).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/echo")]
+    /// Echo WebSocket URL, e.g. `ws://127.0.0.1:8080/echo` (`{i}` is replaced by the
+    /// connection's index, e.g. nchan's `ws://127.0.0.1:PORT/pubsub/e{i}`).
+    #[arg(long)]
     pub url: String,
     /// Connections, each with one round trip at a time.
     #[arg(long, short = 'c', default_value_t = 50)]
@@ -42,8 +42,9 @@ pub struct EchoArgs {
 /// Options of `handshakes`.
 #[derive(Debug, Args, Clone)]
 pub struct HandshakeArgs {
-    /// WebSocket URL to upgrade to (`{i}` is replaced by the attempt's index).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    /// WebSocket URL to upgrade to, e.g. `ws://127.0.0.1:8080/ws` (`{i}` is replaced by the
+    /// attempt's index).
+    #[arg(long)]
     pub url: String,
     /// Handshakes to perform.
     #[arg(long, short = 'n', default_value_t = 1000)]

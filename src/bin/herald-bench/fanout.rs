@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -26,24 +26,20 @@ use crate::sys::{mono_ns, quickack, server_rss_bytes, spread_source};
 use crate::ws::{self, FrameScanner, Url};
 use crate::{Common, Meter, spawn_worker};
 
-/// Options of `fanout`.
+/// Options of `fanout`. The server is never assumed: the subscriber URL and one publish URL
+/// are required.
 #[derive(Debug, Args, Clone)]
+#[command(group(ArgGroup::new("publish_url").required(true).args(["pub_url", "pub_ws_url"])))]
 pub struct FanoutArgs {
-    /// Subscriber WebSocket URL (`{i}` is replaced by the subscriber's index). Repeat it to
-    /// spread the subscribers round-robin over several servers (the nodes of a cluster).
-    #[arg(
-        long,
-        alias = "subscribe-url",
-        default_value = "ws://127.0.0.1:8080/ws?channels=bench"
-    )]
+    /// Subscriber WebSocket URL, e.g. `ws://127.0.0.1:8080/ws?channels=bench` (`{i}` is
+    /// replaced by the subscriber's index). Repeat it to spread the subscribers round-robin
+    /// over several servers (the nodes of a cluster).
+    #[arg(long, alias = "subscribe-url", required = true)]
     pub sub_url: Vec<String>,
-    /// Publish over HTTP POST to this URL (body = payload, content-type text/plain).
-    #[arg(
-        long,
-        default_value = "http://127.0.0.1:8080/api/publish/bench",
-        conflicts_with = "pub_ws_url"
-    )]
-    pub pub_url: String,
+    /// Publish over HTTP POST to this URL (body = payload, content-type text/plain), e.g.
+    /// `http://127.0.0.1:8080/api/publish/bench`.
+    #[arg(long)]
+    pub pub_url: Option<String>,
     /// Publish over WebSocket instead: text frames of the payload sent to this URL.
     #[arg(long)]
     pub pub_ws_url: Option<String>,
@@ -234,7 +230,11 @@ fn run(args: FanoutArgs, slow: usize, slow_rcvbuf: u32, common: &Common) -> Resu
                 post: post.as_bytes().to_vec(),
             }
         }
-        None => Publish::Http(Url::parse(&args.pub_url)?),
+        None => Publish::Http(Url::parse(
+            args.pub_url
+                .as_deref()
+                .ok_or("--pub-url or --pub-ws-url is required")?,
+        )?),
     };
     let messages = match (args.rate, args.duration) {
         (Some(rate), Some(d)) => (rate * d.as_secs_f64()) as u64,

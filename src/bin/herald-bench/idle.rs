@@ -20,8 +20,9 @@ use crate::{Common, spawn_worker};
 /// Options of `idle`.
 #[derive(Debug, Args, Clone)]
 pub struct IdleArgs {
-    /// WebSocket URL to connect to (`{i}` is replaced by the connection's index).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws?channels=idle")]
+    /// WebSocket URL to connect to, e.g. `ws://127.0.0.1:8080/ws?channels=idle` (`{i}` is
+    /// replaced by the connection's index).
+    #[arg(long)]
     pub url: String,
     /// Connections to hold (each needs a file descriptor here: stay below the open-file limit).
     #[arg(long, short = 'c', default_value_t = 1000)]

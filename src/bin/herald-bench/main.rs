@@ -2,9 +2,9 @@
 //!
 //! Modes: `fanout` (N subscribers, M publishes, delivery rate, latency and loss), `slow` (fanout
 //! with K subscribers that never read), `idle` (C idle connections, the server's memory per
-//! connection), `echo` (round trips) and `handshakes` (upgrades per second). Every URL is a flag,
-//! so any server that speaks WebSocket and accepts publishes over HTTP or WebSocket can be
-//! measured. The client is its own minimal WebSocket implementation, one current-thread tokio
+//! connection), `echo` (round trips) and `handshakes` (upgrades per second). Every URL is a
+//! required flag (no server is assumed), so any server that speaks WebSocket and accepts
+//! publishes over HTTP or WebSocket can be measured. The client is its own minimal WebSocket implementation, one current-thread tokio
 //! runtime per OS thread, so that it is not the bottleneck; it reports its own CPU use so a
 //! reader can check.
 //!
@@ -30,12 +30,18 @@ use crate::report::Report;
 
 /// herald-bench: load generator for WebSocket notification servers (Herald and its peers).
 ///
-/// Runs one bounded measurement and prints a table (or, with --json, one JSON object) on stdout;
-/// a progress line goes to stderr while it runs. Latencies come from a timestamp carried in each
+/// Runs one bounded measurement against the server its URL flags name (they are required:
+/// nothing is assumed about where the server is) and prints a table (or, with --json, one JSON
+/// object) on stdout; a progress line goes to stderr while it runs. Latencies come from a timestamp carried in each
 /// payload (`hb:<seq>:<send_ns>:` padded with `x`), found wherever it sits in the frame, so the
 /// server may relay the body raw or inside a JSON envelope.
 #[derive(Debug, Parser)]
-#[command(name = "herald-bench", version, about, long_about)]
+#[command(
+    name = "herald-bench",
+    version,
+    long_about,
+    arg_required_else_help = true
+)]
 struct Cli {
     /// What to measure.
     #[command(subcommand)]
