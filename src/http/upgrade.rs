@@ -39,32 +39,7 @@ pub fn websocket(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::validate(req.method(), req.version(), req.headers())?;
     let query = req.uri().query().unwrap_or("");
-    // With auth on, the token is checked first (a client without one learns that, not what
-    // else is wrong), and nobody holds a connection without one, echo included.
-    let auth = match &state.verifier {
-        Some(verifier) => Some(authenticate(verifier, req.headers(), query)?),
-        None => None,
-    };
-    let mut session = match endpoint {
-        Endpoint::Notify => parse_query(query, &state.config)?,
-        Endpoint::Echo => Session {
-            client_id: Arc::from(random_client_id()),
-            format: Format::Echo,
-            channels: Vec::new(),
-            auth: None,
-        },
-    };
-    if let Some(auth) = auth {
-        if let Some(forbidden) = session
-            .channels
-            .iter()
-            .find(|channel| !auth.grant.subscribe.matches(channel))
-        {
-            return Err(HttpError::ChannelForbidden(forbidden.clone()));
-        }
-        session.client_id = Arc::clone(&auth.grant.subject);
-        session.auth = Some(auth);
-    }
+    let session = admit(state, req.headers(), query, endpoint)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
     let broker = state.broker.clone();
@@ -108,6 +83,47 @@ pub fn websocket(
         HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
     );
     Ok(response)
+}
+
+/// Checks what a WebSocket client asks for, past the handshake itself: its token (when JWT
+/// auth is on) and, on `/ws`, the query and the channels the token grants. Returns the
+/// session the connection would run.
+///
+/// # Errors
+/// The [`HttpError`] the upgrade is refused with.
+pub fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &str,
+    endpoint: Endpoint,
+) -> Result<Session, HttpError> {
+    // With auth on, the token is checked first (a client without one learns that, not what
+    // else is wrong), and nobody holds a connection without one, echo included.
+    let auth = match &state.verifier {
+        Some(verifier) => Some(authenticate(verifier, headers, query)?),
+        None => None,
+    };
+    let mut session = match endpoint {
+        Endpoint::Notify => parse_query(query, &state.config)?,
+        Endpoint::Echo => Session {
+            client_id: Arc::from(random_client_id()),
+            format: Format::Echo,
+            channels: Vec::new(),
+            auth: None,
+        },
+    };
+    if let Some(auth) = auth {
+        if let Some(forbidden) = session
+            .channels
+            .iter()
+            .find(|channel| !auth.grant.subscribe.matches(channel))
+        {
+            return Err(HttpError::ChannelForbidden(forbidden.clone()));
+        }
+        session.client_id = Arc::clone(&auth.grant.subject);
+        session.auth = Some(auth);
+    }
+    Ok(session)
 }
 
 /// Reads `channels`, `client_id` and `format` from the `/ws` query. Unknown parameters are
