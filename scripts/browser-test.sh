@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Builds Herald, starts it on free loopback ports (once anonymous, once with JWT auth and
-# tokens minted by `herald token`, and as two cluster nodes sharing a redis-server when one is
-# installed) and runs the headless-browser end-to-end test of the demo page
-# (tests/browser/demo.test.mjs) against them.
+# Builds Herald, starts it on free loopback ports (once anonymous; once with JWT auth, tokens
+# minted by `herald token` and an API key; once with the same JWT secret and
+# --allowed-origins, whose own page still connects while a page from elsewhere does not; and
+# as two cluster nodes sharing a redis-server when one is installed) and runs the
+# headless-browser end-to-end test of the demo page (tests/browser/demo.test.mjs) against
+# them. The test starts a few servers of its own
+# (HERALD_BIN: one it stops, one whose redis-server it kills and restarts).
 #
 # Needs: cargo, node >= 20 + npm, and Debian's chromium (installed here if missing).
 # Exit code: the node test runner's.
@@ -38,7 +41,7 @@ log "building herald"
 cargo build --release --bin herald
 BIN="$ROOT/target/release/herald"
 
-# --- start two servers on free loopback ports: anonymous, and with JWT auth ------
+# --- start servers on free loopback ports: anonymous, with JWT auth, with other origins ---
 source scripts/lib.sh
 
 mkdir -p tests/browser/artifacts
@@ -94,14 +97,18 @@ start_server "$PORT"
 
 AUTH_PORT="$(free_port)"
 AUTH_URL="http://127.0.0.1:$AUTH_PORT"
-HERALD_JWT_SECRET="browser-test-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export HERALD_JWT_SECRET
-start_server "$AUTH_PORT"
+JWT_SECRET="browser-test-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+API_KEY="browser-test-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export HERALD_JWT_SECRET="$JWT_SECRET"
+start_server "$AUTH_PORT" --api-key "$API_KEY"
 mint() {
   "$BIN" token --sub "$1" --channels 'news,room:*' --publish 'room:*' --send '*' --ttl 10m
 }
 TOKEN_ALICE="$(mint alice)"
 TOKEN_BOB="$(mint bob)"
+ORIGIN_PORT="$(free_port)"
+ORIGIN_URL="http://127.0.0.1:$ORIGIN_PORT"
+start_server "$ORIGIN_PORT" --allowed-origins https://app.example.com
 unset HERALD_JWT_SECRET
 
 # --- two cluster nodes sharing one redis-server (skipped without redis-server) --
@@ -127,7 +134,9 @@ status=0
 (
   cd tests/browser
   HERALD_URL="$URL" HERALD_AUTH_URL="$AUTH_URL" HERALD_TOKEN_ALICE="$TOKEN_ALICE" \
-    HERALD_TOKEN_BOB="$TOKEN_BOB" HERALD_CLUSTER_URLS="${CLUSTER_URLS# }" node --test --test-reporter=spec demo.test.mjs
+    HERALD_TOKEN_BOB="$TOKEN_BOB" HERALD_AUTH_API_KEY="$API_KEY" HERALD_TEST_JWT_SECRET="$JWT_SECRET" \
+    HERALD_ORIGIN_URL="$ORIGIN_URL" HERALD_BIN="$BIN" HERALD_CLUSTER_URLS="${CLUSTER_URLS# }" \
+    node --test --test-reporter=spec demo.test.mjs
 ) || status=$?
 
 if [[ "$status" -ne 0 ]]; then

@@ -3,6 +3,8 @@
 //! | route | method | what |
 //! |---|---|---|
 //! | `/` | GET | the demo page |
+//! | `/favicon.ico` | GET | the demo page's icon |
+//! | `/demo/check` | POST | why the demo page's WebSocket would be refused (see `demo`) |
 //! | `/healthz` | GET | `ok` while the server runs |
 //! | `/readyz` | GET | ready to take publishes (in cluster mode: subscribed in Redis) |
 //! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format`, `token` query) |
@@ -22,6 +24,7 @@
 
 mod access;
 mod api;
+mod demo;
 mod error;
 mod upgrade;
 
@@ -62,8 +65,6 @@ pub struct AppState {
 /// its whole life.
 pub type ConnectionSlot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
 
-const DEMO_PAGE: &str = include_str!("demo.html");
-
 /// Answers one HTTP request.
 pub async fn handle(
     req: Request<Incoming>,
@@ -100,10 +101,7 @@ async fn route(
         }
     };
     match path.as_str() {
-        "/" => {
-            allow(&Method::GET, "GET")?;
-            Ok(text_response("text/html; charset=utf-8", DEMO_PAGE))
-        }
+        "/" | "/favicon.ico" | "/demo/check" => demo::route(&req, state),
         "/healthz" => {
             allow(&Method::GET, "GET")?;
             Ok(text_response("text/plain; charset=utf-8", "ok"))

@@ -39,51 +39,7 @@ pub fn websocket(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::validate(req.method(), req.version(), req.headers())?;
     let query = req.uri().query().unwrap_or("");
-    // With auth on, the token is checked first (a client without one learns that, not what
-    // else is wrong), and nobody holds a connection without one, echo included.
-    let auth = match &state.verifier {
-        Some(verifier) => Some(authenticate(verifier, req.headers(), query)?),
-        None => None,
-    };
-    let mut session = match endpoint {
-        Endpoint::Notify => parse_query(query, &state.config)?,
-        Endpoint::Echo => {
-            check_echo_query(query)?;
-            Session {
-                client_id: Arc::from(random_client_id()),
-                format: Format::Echo,
-                channels: Vec::new(),
-                since: Vec::new(),
-                auth: None,
-            }
-        }
-    };
-    if let Some(auth) = auth {
-        if let Some(forbidden) = session
-            .channels
-            .iter()
-            .find(|channel| !auth.grant.subscribe.matches(channel))
-        {
-            return Err(HttpError::ChannelForbidden(forbidden.clone()));
-        }
-        session.client_id = Arc::clone(&auth.grant.subject);
-        session.auth = Some(auth);
-    }
-    // A raw client cannot be told in a frame that its position was not recovered: it is told
-    // here, before the upgrade.
-    if session.format == Format::Raw {
-        for (channel, position) in &session.since {
-            let standing = state.broker.registry().standing(channel, Some(*position));
-            if let Recovery::Failed(failure) = standing.recovery {
-                return Err(HttpError::NotRecovered {
-                    channel: channel.clone(),
-                    failure,
-                    epoch: standing.epoch,
-                    offset: standing.offset,
-                });
-            }
-        }
-    }
+    let session = admit(state, req.headers(), query, endpoint)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let permit = slot.lock().take();
     let broker = state.broker.clone();
@@ -127,6 +83,66 @@ pub fn websocket(
         HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
     );
     Ok(response)
+}
+
+/// Checks what a WebSocket client asks for, past the handshake itself: its token (when JWT
+/// auth is on), the query, the channels the token grants and, for a raw client, that its
+/// positions can be recovered. Returns the session the connection would run.
+///
+/// # Errors
+/// The [`HttpError`] the upgrade is refused with.
+pub fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &str,
+    endpoint: Endpoint,
+) -> Result<Session, HttpError> {
+    // With auth on, the token is checked first (a client without one learns that, not what
+    // else is wrong), and nobody holds a connection without one, echo included.
+    let auth = match &state.verifier {
+        Some(verifier) => Some(authenticate(verifier, headers, query)?),
+        None => None,
+    };
+    let mut session = match endpoint {
+        Endpoint::Notify => parse_query(query, &state.config)?,
+        Endpoint::Echo => {
+            check_echo_query(query)?;
+            Session {
+                client_id: Arc::from(random_client_id()),
+                format: Format::Echo,
+                channels: Vec::new(),
+                since: Vec::new(),
+                auth: None,
+            }
+        }
+    };
+    if let Some(auth) = auth {
+        if let Some(forbidden) = session
+            .channels
+            .iter()
+            .find(|channel| !auth.grant.subscribe.matches(channel))
+        {
+            return Err(HttpError::ChannelForbidden(forbidden.clone()));
+        }
+        session.client_id = Arc::clone(&auth.grant.subject);
+        session.auth = Some(auth);
+    }
+    // A raw client cannot be told in a frame that its position was not recovered: it is told
+    // here, before the upgrade.
+    if session.format == Format::Raw {
+        for (channel, position) in &session.since {
+            let standing = state.broker.registry().standing(channel, Some(*position));
+            if let Recovery::Failed(failure) = standing.recovery {
+                return Err(HttpError::NotRecovered {
+                    channel: channel.clone(),
+                    failure,
+                    epoch: standing.epoch,
+                    offset: standing.offset,
+                });
+            }
+        }
+    }
+    Ok(session)
 }
 
 /// The query parameters `/ws` takes; any other is refused, so that a misspelt one

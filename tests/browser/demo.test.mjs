@@ -7,9 +7,13 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, writeFile } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { execFile, spawn, spawnSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import http from 'node:http';
+import net from 'node:net';
 import { chromium } from 'playwright-core';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -52,7 +56,149 @@ after(async () => {
   }
   clients.clear();
   if (browser) await browser.close().catch(() => {});
+  for (const child of children) stopChild(child);
 });
+
+// ---- processes this test starts itself (servers it stops, a Redis it kills) ----------------
+
+/** @type {Set<import('node:child_process').ChildProcess>} */
+const children = new Set();
+
+function stopChild(child, signal = 'SIGTERM') {
+  if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+}
+
+/** Resolves when `child` has exited. */
+function exited(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => child.once('exit', () => resolve()));
+}
+
+/** A loopback port nothing listens on right now. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls `condition` every 100 ms until it holds; throws `what` after `within` ms. */
+async function until(what, condition, within = TIMEOUT) {
+  const deadline = Date.now() + within;
+  for (;;) {
+    if (await condition().catch(() => false)) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Whether something accepts TCP connections on the loopback `port`. */
+function listening(port) {
+  return new Promise((resolve) => {
+    const sock = net.connect(port, '127.0.0.1');
+    sock.once('connect', () => { sock.destroy(); resolve(true); });
+    sock.once('error', () => resolve(false));
+  });
+}
+
+/** Starts `command args` and remembers it, so that it is stopped when the tests end. Its
+ * output goes to artifacts/<name>-<port>.log. */
+function start(command, args, port) {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const log = openSync(path.join(ARTIFACTS, `${path.basename(command)}-${port}.log`), 'a');
+  const child = spawn(command, args, { stdio: ['ignore', log, log] });
+  closeSync(log);
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  return child;
+}
+
+/** Starts the herald binary on a free port with `flags` and waits for /healthz. */
+async function startHerald(flags = []) {
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  const child = start(HERALD_BIN, ['--listen', `127.0.0.1:${port}`, ...flags], port);
+  await until(`herald answers ${url}/healthz`, async () => {
+    if (child.exitCode !== null) throw new Error(`herald exited with ${child.exitCode}`);
+    return (await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(1000) })).ok;
+  });
+  return { child, url };
+}
+
+/** Starts redis-server on `port` and waits until it accepts connections. */
+async function startRedis(port) {
+  const child = start('redis-server', ['--bind', '127.0.0.1', '--port', String(port), '--save', '', '--appendonly', 'no'], port);
+  await until(`redis-server listens on ${port}`, async () => {
+    if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
+    return listening(port);
+  });
+  return child;
+}
+
+/** Runs `command` in sh, as a user pasting it would, and returns its stdout. */
+function shell(command, env = {}) {
+  return new Promise((resolve, reject) => {
+    execFile('sh', ['-c', command], { env: { ...process.env, ...env }, timeout: TIMEOUT }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${command}: ${err.message} ${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** An HTTP proxy on a free port in front of `target` (WebSockets included) that records
+ * every HTTP request's path, status and content type. With `rewriteHost`, it sends the
+ * target's own `Host` upstream (as a proxy configured with the upstream's name does), so the
+ * server sees pages of the proxy's origin as another site's. */
+async function recordingProxy(target, { rewriteHost = false } = {}) {
+  const to = new URL(target);
+  const seen = [];
+  const upstreamHeaders = (headers) => (rewriteHost ? { ...headers, host: to.host } : headers);
+  const server = http.createServer((req, res) => {
+    const upstream = http.request(
+      { host: to.hostname, port: to.port, method: req.method, path: req.url, headers: upstreamHeaders(req.headers) },
+      (reply) => {
+        seen.push({ url: req.url, status: reply.statusCode, type: reply.headers['content-type'] || '' });
+        res.writeHead(reply.statusCode, reply.headers);
+        reply.pipe(res);
+      },
+    );
+    upstream.on('error', () => res.destroy());
+    req.pipe(upstream);
+  });
+  server.on('upgrade', (req, socket, head) => {
+    const upstream = net.connect(Number(to.port), to.hostname, () => {
+      const lines = [];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) {
+        const name = req.rawHeaders[i];
+        const value = rewriteHost && name.toLowerCase() === 'host' ? to.host : req.rawHeaders[i + 1];
+        lines.push(`${name}: ${value}`);
+      }
+      upstream.write(`${req.method} ${req.url} HTTP/1.1\r\n${lines.join('\r\n')}\r\n\r\n`);
+      upstream.write(head);
+      socket.pipe(upstream);
+      upstream.pipe(socket);
+    });
+    upstream.on('error', () => socket.destroy());
+    socket.on('error', () => upstream.destroy());
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    close: () => { server.closeAllConnections(); server.close(); },
+  };
+}
+
+/** An HS256 JWT with `claims`, signed with `secret`. */
+function jwt(claims, secret) {
+  const part = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const signed = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${signed}.${createHmac('sha256', secret).update(signed).digest('base64url')}`;
+}
 
 // Screenshots of every open page (and its console log) when a test fails.
 function withArtifacts(fn) {
@@ -85,6 +231,10 @@ async function saveArtifacts(testName) {
 }
 
 const AUTH_URL = (process.env.HERALD_AUTH_URL || '').replace(/\/+$/, '');
+const AUTH_API_KEY = process.env.HERALD_AUTH_API_KEY || '';
+const JWT_SECRET = process.env.HERALD_TEST_JWT_SECRET || '';
+const ORIGIN_URL = (process.env.HERALD_ORIGIN_URL || '').replace(/\/+$/, '');
+const HERALD_BIN = process.env.HERALD_BIN || '';
 
 async function openClient(id, url = `${HERALD_URL}/?client_id=${encodeURIComponent(id)}`) {
   const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
@@ -147,10 +297,12 @@ function escapeRe(s) {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-async function join(page, room) {
-  await page.locator('#room').fill(room, { timeout: TIMEOUT });
+/** Joins the chat room `channel` (a channel name, exactly as typed). */
+async function join(page, channel) {
+  await page.locator('#room').fill(channel, { timeout: TIMEOUT });
   await page.locator('#join').click({ timeout: TIMEOUT });
-  await waitForText(page, '#room-state', `Joined room:${room}`, 'join');
+  await waitForText(page, '#room-state', `Joined ${channel}`, 'join');
+  assert.equal((await page.locator('#room-state').textContent()).trim(), `Joined ${channel}`);
 }
 
 async function chat(page, text) {
@@ -181,8 +333,8 @@ test('two browsers chat, receive HTTP notifications and direct messages', withAr
   await waitForText(alice, '#status', 'connected', 'alice status');
 
   // Both join the lobby and wait for the server's "subscribed" acknowledgement.
-  await join(alice, 'lobby');
-  await join(bob, 'lobby');
+  await join(alice, 'room:lobby');
+  await join(bob, 'room:lobby');
 
   // Chat both ways.
   await chat(alice, 'hello from alice');
@@ -229,7 +381,7 @@ test('server error frames are shown in #errors and the connection stays open', w
   await waitForText(alice, '#client-id', 'alice', 'alice welcome');
   await waitForText(alice, '#status', 'connected', 'alice connected');
   const errorsBefore = await alice.locator('#errors > li').count();
-  // The page leaves channel-name validation to the server: "room:bad room!" is invalid.
+  // The page leaves channel-name validation to the server: "bad room!" is invalid.
   await alice.locator('#room').fill('bad room!');
   await alice.locator('#join').click();
   await alice.locator('#errors > li').nth(errorsBefore).waitFor({ state: 'visible', timeout: TIMEOUT });
@@ -280,14 +432,67 @@ test('with JWT auth, the page connects with ?token= and the token picks the clie
   await waitForText(bob, '#client-id', 'bob', 'bob welcome');
   assert.equal((await alice.locator('#client-id').textContent()).trim(), 'alice');
 
-  await join(alice, 'auth-room');
-  await join(bob, 'auth-room');
+  await join(alice, 'room:auth-room');
+  await join(bob, 'room:auth-room');
   await chat(alice, 'hello with a token');
   await waitForEntry(bob, '#chat-log', 'alice', 'hello with a token', 'bob gets alice\'s chat');
+}));
 
-  // No token: the upgrade is refused (401) and the page says why instead of failing silently.
-  const anonymous = await openClient('auth-none', `${AUTH_URL}/`);
-  await waitForText(anonymous, '#errors', ['refused the WebSocket', '?token='], 'refusal explained');
+test('a refused WebSocket is explained by its reason', {
+  skip: AUTH_URL && ORIGIN_URL && JWT_SECRET ? false : 'HERALD_AUTH_URL, HERALD_ORIGIN_URL, HERALD_TEST_JWT_SECRET not set (scripts/browser-test.sh sets them)',
+}, withArtifacts(async () => {
+  const now = Math.floor(Date.now() / 1000);
+  const claims = { sub: 'zoe', exp: now + 600, channels: ['news', 'room:*'] };
+  const valid = jwt(claims, JWT_SECRET);
+  // The page from another origin: a proxy that hands the server its own Host.
+  const elsewhere = await recordingProxy(ORIGIN_URL, { rewriteHost: true });
+  const cases = [
+    // [client, url, status shown, words of the hint]
+    ['refused-none', `${AUTH_URL}/`, 'token required', ['runs with JWT auth', '?token=<jwt>', 'herald token']],
+    ['refused-junk', `${AUTH_URL}/?token=junk`, 'token refused', ['token_malformed']],
+    ['refused-expired', `${AUTH_URL}/?token=${jwt({ ...claims, exp: now - 3600 }, JWT_SECRET)}`,
+      'token expired', ['has expired', 'herald token']],
+    ['refused-forged', `${AUTH_URL}/?token=${jwt(claims, `not-the-secret-${JWT_SECRET}`)}`,
+      'token refused', ['token_bad_signature']],
+    ['refused-no-news', `${AUTH_URL}/?token=${jwt({ ...claims, channels: ['room:*'] }, JWT_SECRET)}`,
+      'channel not granted', ['does not grant the news channel']],
+    // A valid token, from an origin the server does not allow: the hint is about the origin.
+    ['refused-origin', `${elsewhere.url}/?token=${valid}`, 'origin not allowed',
+      ['--allowed-origins', elsewhere.url]],
+  ];
+  for (const [id, url, reason, words] of cases) {
+    const page = await openClient(id, url);
+    await waitForText(page, '#errors', words, `${id}: the hint`);
+    await waitForText(page, '#status', `disconnected: ${reason}`, `${id}: the status`);
+    const errors = await page.locator('#errors').innerText();
+    if (reason !== 'token required') {
+      assert.ok(!errors.includes('runs with JWT auth'), `${id} shows the missing-token hint: ${errors}`);
+    }
+    assert.equal(await page.locator('#errors > li').count(), 1, `${id} explains once: ${errors}`);
+    await clients.get(id).context.close();
+    clients.delete(id);
+  }
+  elsewhere.close();
+  // The same token from the server's own page connects: the refusal above was the origin's,
+  // and a server with --allowed-origins still serves its own demo page.
+  for (const [id, url] of [['zoe', AUTH_URL], ['zoe-listed', ORIGIN_URL]]) {
+    const zoe = await openClient(id, `${url}/?token=${valid}`);
+    await waitForText(zoe, '#client-id', 'zoe', `${id} welcome`);
+    await waitForText(zoe, '#status', 'connected', `${id} connected`);
+  }
+}));
+
+test('a server that went away is reported as unreachable', {
+  skip: HERALD_BIN ? false : 'HERALD_BIN not set (scripts/browser-test.sh sets it)',
+}, withArtifacts(async () => {
+  const { child, url } = await startHerald();
+  const page = await openClient('gone', `${url}/?client_id=gone`);
+  await waitForText(page, '#status', 'connected', 'connected first');
+  stopChild(child);
+  await exited(child);
+  await waitForText(page, '#errors', `cannot reach the server at ${url}`, 'server down explained');
+  await waitForText(page, '#status', 'disconnected: server unreachable', 'status says unreachable');
+  assert.ok(!(await page.locator('#errors').innerText()).includes('token'), 'no token hint');
 }));
 
 const CLUSTER_URLS = (process.env.HERALD_CLUSTER_URLS || '').split(' ').filter(Boolean);
@@ -301,8 +506,8 @@ test('cluster: two browsers on two nodes chat through Redis, and HTTP publishes 
   await waitForText(carol, '#client-id', 'carol', 'carol welcome');
   await waitForText(dave, '#client-id', 'dave', 'dave welcome');
 
-  await join(carol, 'cluster-room');
-  await join(dave, 'cluster-room');
+  await join(carol, 'room:cluster-room');
+  await join(dave, 'room:cluster-room');
   await chat(carol, 'hello from node A');
   await waitForEntry(dave, '#chat-log', 'carol', 'hello from node A', 'dave (node B) gets carol\'s chat');
   await chat(dave, 'hello from node B');
@@ -317,4 +522,117 @@ test('cluster: two browsers on two nodes chat through Redis, and HTTP publishes 
   });
   assert.equal(res.status, 200, await res.text());
   await waitForText(dave, '#notifications', 'across the cluster', 'news on node B');
+}));
+
+test('loading the page gets no 404: the server serves its icon', withArtifacts(async () => {
+  // Chromium fetches the icon from its browser process, which the page's network events do
+  // not show: a proxy in front of the server sees every request instead.
+  const proxy = await recordingProxy(HERALD_URL);
+  try {
+    const page = await openClient('icon', `${proxy.url}/?client_id=icon`);
+    await waitForText(page, '#status', 'connected', 'connected through the proxy');
+    await until('the browser asks for its icon', async () => proxy.seen.some((r) => r.url === '/favicon.ico'));
+    assert.deepEqual(proxy.seen.filter((r) => r.status >= 400), [], 'no request failed');
+    assert.match(proxy.seen.find((r) => r.url === '/favicon.ico').type, /^image\//);
+    const size = await page.evaluate(() => new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => resolve(img.naturalWidth);
+      img.onerror = () => reject(new Error('the icon does not decode'));
+      img.src = '/favicon.ico';
+    }));
+    assert.ok(size > 0, 'the icon decodes as an image');
+    const errors = clients.get('icon').logs.filter((l) => l.startsWith('[error]'));
+    assert.deepEqual(errors, [], 'no console error');
+  } finally {
+    proxy.close();
+  }
+}));
+
+test('a room is the channel typed, and the curl shown for it reaches the room', withArtifacts(async () => {
+  const erin = await openClient('erin', `${HERALD_URL}/?client_id=erin`);
+  await waitForText(erin, '#status', 'connected', 'erin connected');
+  await join(erin, 'room:2');
+  const curl = (await erin.locator('#room-curl').textContent()).trim();
+  assert.ok(curl.includes(`${HERALD_URL}/api/publish/room:2 `), `the curl publishes to room:2: ${curl}`);
+  assert.ok(!/authorization/i.test(curl), `no API key on a server without one: ${curl}`);
+  const reply = JSON.parse(await shell(curl));
+  assert.equal(reply.channel, 'room:2');
+  await waitForEntry(erin, '#chat-log', '(HTTP API)', 'hi from curl', 'the curl reaches the room');
+  // A channel with no prefix is a room too.
+  await join(erin, 'plain');
+  await chat(erin, 'in plain');
+  await waitForEntry(erin, '#chat-log', 'erin', 'in plain', 'chat in a channel without a prefix');
+  const news = (await erin.locator('#curl-example').textContent()).trim();
+  assert.ok(news.includes(`${HERALD_URL}/api/publish/news `), news);
+  assert.equal(JSON.parse(await shell(news)).channel, 'news');
+  await waitForText(erin, '#notifications', '"title": "hi"', 'the news curl reaches the page');
+}));
+
+test('with --api-key, the curls shown take the key from $HERALD_API_KEY', {
+  skip: AUTH_URL && AUTH_API_KEY ? false : 'HERALD_AUTH_URL, HERALD_AUTH_API_KEY not set (scripts/browser-test.sh sets them)',
+}, withArtifacts(async () => {
+  const token = process.env.HERALD_TOKEN_ALICE;
+  const page = await openClient('keyed', `${AUTH_URL}/?token=${encodeURIComponent(token)}`);
+  await waitForText(page, '#status', 'connected', 'connected');
+  await join(page, 'room:keyed');
+  for (const selector of ['#curl-example', '#room-curl']) {
+    const curl = (await page.locator(selector).textContent()).trim();
+    assert.ok(curl.includes('-H "authorization: Bearer $HERALD_API_KEY"'), `${selector}: ${curl}`);
+    assert.ok(!curl.includes(AUTH_API_KEY), `${selector} shows the key itself`);
+  }
+  assert.match(await page.locator('#curl-hint').textContent(), /HERALD_API_KEY/);
+  const room = (await page.locator('#room-curl').textContent()).trim();
+  await assert.rejects(shell(`${room} -f`, { HERALD_API_KEY: 'wrong' }), /401/, 'the key is checked');
+  assert.equal(JSON.parse(await shell(room, { HERALD_API_KEY: AUTH_API_KEY })).channel, 'room:keyed');
+  await waitForEntry(page, '#chat-log', '(HTTP API)', 'hi from curl', 'the keyed curl reaches the room');
+}));
+
+test('a 128-byte client id shows whole in the direct-message field and in the header', withArtifacts(async () => {
+  const long = `long-${'x'.repeat(100)}-${'y'.repeat(18)}-end`;
+  assert.equal(long.length, 128);
+  const target = await openClient('long-id', `${HERALD_URL}/?client_id=${long}`);
+  const sender = await openClient('long-sender', `${HERALD_URL}/?client_id=long-sender`);
+  await waitForText(target, '#client-id', long, 'the long id is welcomed');
+  await waitForText(sender, '#status', 'connected', 'sender connected');
+  await sender.locator('#dm-to').fill(long);
+  const field = await sender.locator('#dm-to').evaluate((n) => ({
+    value: n.value, scrollWidth: n.scrollWidth, clientWidth: n.clientWidth,
+    scrollHeight: n.scrollHeight, clientHeight: n.clientHeight,
+  }));
+  assert.equal(field.value, long);
+  assert.ok(field.scrollWidth <= field.clientWidth, `the id fits the field's width: ${JSON.stringify(field)}`);
+  assert.ok(field.scrollHeight <= field.clientHeight, `the id fits the field's height: ${JSON.stringify(field)}`);
+  const header = await target.locator('#client-id').evaluate((n) => ({
+    right: n.getBoundingClientRect().right, width: document.documentElement.clientWidth,
+    pageWidth: document.documentElement.scrollWidth,
+  }));
+  assert.ok(header.right <= header.width && header.pageWidth <= header.width, `the header shows the whole id: ${JSON.stringify(header)}`);
+  await sender.locator('#dm-input').fill('to the long id');
+  await sender.locator('#dm-to').press('Enter');
+  await waitForEntry(target, '#dm-log', 'long-sender', 'to the long id', 'Enter in the field sends');
+}));
+
+test('cluster: the status shows when the node loses Redis, and recovers', {
+  skip: HERALD_BIN && spawnSync('redis-server', ['--version']).status === 0 ? false
+    : 'needs HERALD_BIN (scripts/browser-test.sh sets it) and redis-server',
+}, withArtifacts(async () => {
+  const redisPort = await freePort();
+  let redis = await startRedis(redisPort);
+  const { url } = await startHerald(['--redis', `redis://127.0.0.1:${redisPort}/`]);
+  await until('the node is ready', async () => (await fetch(`${url}/readyz`)).ok);
+  const page = await openClient('broker', `${url}/?client_id=broker`);
+  await waitForText(page, '#status', 'connected', 'connected');
+  assert.equal(await page.locator('#status-box').getAttribute('data-state'), 'open');
+
+  stopChild(redis, 'SIGKILL');
+  await exited(redis);
+  await waitForText(page, '#status', 'connected · broker unavailable', 'broker down shown');
+  assert.equal(await page.locator('#status-box').getAttribute('data-state'), 'degraded');
+
+  redis = await startRedis(redisPort);
+  // The node reconnects with a backoff of up to 5 s, the page polls every 3 s.
+  await page.waitForFunction(() => document.getElementById('status').textContent === 'connected',
+    null, { timeout: 30_000 });
+  assert.equal(await page.locator('#status-box').getAttribute('data-state'), 'open');
+  await waitForText(page, '#notifications', 'Messages of news may have been missed', 'the gap is shown');
 }));
