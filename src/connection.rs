@@ -78,44 +78,18 @@ pub fn spawn(
     if let Some(auth) = &session.auth {
         registry.set_expiry(id, auth.grant.expires_in());
     }
-    let mut standings = Vec::new();
-    let mut replays = Vec::new();
-    for channel in &session.channels {
-        if let Err(err) = registry.join(id, channel) {
+    let mut channels = Vec::with_capacity(session.channels.len());
+    for channel in session.channels {
+        if let Err(err) = registry.join(id, &channel) {
             tracing::debug!(%err, channel, "initial subscription refused");
             continue;
         }
         let since = session
             .since
             .iter()
-            .find(|(name, _)| name == channel)
+            .find(|(name, _)| *name == channel)
             .map(|(_, position)| *position);
-        let room = replay_room(&registration.outbox, registry.queue_capacity());
-        match registry.catch_up(id, channel, Cursor::Start(since), room, |_| None) {
-            CatchUp::Live(standing) => standings.push((channel.as_str(), standing)),
-            CatchUp::Replaying { standing, cursor } => {
-                standings.push((channel.as_str(), standing));
-                replays.push((Arc::<str>::from(channel.as_str()), cursor));
-            }
-            CatchUp::Interrupted | CatchUp::Gone => {}
-        }
-    }
-    match session.format {
-        Format::Json => registration.outbox.release(Some(protocol::welcome_frame(
-            &session.client_id,
-            &standings,
-        ))),
-        // A raw client cannot be told that its position was not recovered: it is closed, and
-        // learns why from the close frame (the upgrade checked it just before, so this is a
-        // race with the history window).
-        Format::Raw
-            if standings
-                .iter()
-                .any(|(_, standing)| matches!(standing.recovery, Recovery::Failed(_))) =>
-        {
-            registration.outbox.close(CloseReason::RecoveryFailed);
-        }
-        Format::Raw | Format::Echo => {}
+        channels.push((Arc::from(channel), since));
     }
     registry.task_started();
     let conn = Connection {
@@ -129,14 +103,14 @@ pub fn spawn(
         rate: RateLimit::new(registry.client_publish_rate(), registry.now_ms()),
         input_paused: false,
         auth: session.auth,
-        replays: (!replays.is_empty()).then(|| Box::new(replays)),
+        start: (session.format != Format::Echo).then(|| Box::new(channels)),
         _permit: permit,
     };
     tokio::spawn(conn.run());
 }
 
-/// Channels whose replay is still to finish, each with the position it has reached.
-type Replays = Vec<(Arc<str>, Position)>;
+/// The channels a connection asked for in its URL, each with the position to recover from.
+type Start = Vec<(Arc<str>, Option<Position>)>;
 
 /// How many replayed frames may be queued now: up to half the queue, so that live messages
 /// of the connection's other channels and its replies have room next to a replay.
@@ -219,9 +193,9 @@ struct Connection {
     input_paused: bool,
     /// What the client's token grants; `None` for an anonymous client.
     auth: Option<Box<ClientAuth>>,
-    /// Replays still to finish of the channels recovered from the connect URL; boxed, since
-    /// an idle connection has none.
-    replays: Option<Box<Replays>>,
+    /// The channels of the connect URL, until the connection has caught up on them and sent
+    /// its welcome; boxed, since an idle connection has none.
+    start: Option<Box<Start>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -257,11 +231,9 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> Ending {
-        if let Some(replays) = self.replays.take() {
-            for (channel, cursor) in *replays {
-                if let Some(ending) = Box::pin(self.replay(&channel, cursor)).await {
-                    return ending;
-                }
+        if let Some(start) = self.start.take() {
+            if let Some(ending) = Box::pin(self.start(*start)).await {
+                return ending;
             }
         }
         if let Some(ending) = self.drain_input().await {
@@ -562,6 +534,53 @@ impl Connection {
         protocol::refreshed_frame(id, expires_in.as_secs())
     }
 
+    /// Catches up on the channels of the connect URL (each from its position, if it has one),
+    /// then sends the welcome, which says where each stands, before anything else queued
+    /// meanwhile; then finishes the replays that did not fit the queue at once.
+    async fn start(&mut self, channels: Start) -> Option<Ending> {
+        let capacity = self.broker.registry().queue_capacity();
+        let mut standings = Vec::with_capacity(channels.len());
+        let mut replays = Vec::new();
+        for (channel, since) in &channels {
+            let room = replay_room(&self.outbox, capacity);
+            let step = self
+                .broker
+                .catch_up(self.id, channel, Cursor::Start(*since), room, |_| None)
+                .await;
+            match step {
+                CatchUp::Live(standing) => standings.push((&**channel, standing)),
+                CatchUp::Replaying { standing, cursor } => {
+                    standings.push((&**channel, standing));
+                    replays.push((channel, cursor));
+                }
+                CatchUp::Interrupted | CatchUp::Gone => {}
+            }
+        }
+        match self.format {
+            Format::Json => {
+                let client_id = self.broker.registry().client_id(self.id)?;
+                self.outbox
+                    .release(Some(protocol::welcome_frame(&client_id, &standings)));
+            }
+            // A raw client cannot be told in a frame that its position was not recovered: it
+            // is closed, and learns why from the close frame.
+            Format::Raw
+                if standings
+                    .iter()
+                    .any(|(_, standing)| matches!(standing.recovery, Recovery::Failed(_))) =>
+            {
+                return Some(Ending::server(CloseReason::RecoveryFailed));
+            }
+            Format::Raw | Format::Echo => {}
+        }
+        for (channel, cursor) in replays {
+            if let Some(ending) = self.replay(channel, cursor).await {
+                return Some(ending);
+            }
+        }
+        None
+    }
+
     /// Subscribes to `channel`: the `subscribed` reply says where the channel stands and, with
     /// `since`, whether what the client missed is replayed; the replay (queued a part at a time,
     /// as the client reads) comes next, then live messages, each exactly once.
@@ -596,7 +615,11 @@ impl Connection {
         self.broker.until_heard(channel).await;
         let room = replay_room(&self.outbox, registry.queue_capacity());
         let reply = |standing: &Standing| Some(protocol::subscribed_frame(id, channel, standing));
-        match registry.catch_up(self.id, channel, Cursor::Start(since), room, reply) {
+        let step = self
+            .broker
+            .catch_up(self.id, channel, Cursor::Start(since), room, reply)
+            .await;
+        match step {
             CatchUp::Live(_) | CatchUp::Gone => None,
             CatchUp::Replaying { cursor, .. } => Box::pin(self.replay(channel, cursor)).await,
             CatchUp::Interrupted => Some(Ending::server(CloseReason::RecoveryFailed)),
@@ -613,7 +636,11 @@ impl Connection {
                 return Some(ending);
             }
             let room = replay_room(&self.outbox, capacity);
-            match registry.catch_up(self.id, channel, Cursor::Resume(cursor), room, |_| None) {
+            let step = self
+                .broker
+                .catch_up(self.id, channel, Cursor::Resume(cursor), room, |_| None)
+                .await;
+            match step {
                 CatchUp::Live(_) => return None,
                 CatchUp::Replaying { cursor: next, .. } => cursor = next,
                 CatchUp::Interrupted => return Some(Ending::server(CloseReason::RecoveryFailed)),
@@ -772,7 +799,7 @@ mod tests {
             rate: RateLimit::new(50, 0),
             input_paused: false,
             auth: None,
-            replays: None,
+            start: None,
             _permit: None,
         };
         let future = conn.run();

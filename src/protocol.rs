@@ -605,13 +605,22 @@ pub fn broadcast_frame(payload: Payload<'_>) -> Bytes {
     frame.finish()
 }
 
-/// `{"type":"gap","channel":…}`: messages of the channel may have been missed (the cluster
-/// backplane lost its connection to Redis and has subscribed again).
-pub fn gap_frame(channel: &str) -> Bytes {
-    let mut frame = TextFrame::with_capacity(32 + channel.len());
+/// `{"type":"gap","channel":…,"epoch":…,"offset":…}`: messages of the channel were missed
+/// (cluster mode: the history could not replay all that the node missed while it was cut off
+/// from Redis); what follows comes after `position`, which the client stores as its own. No
+/// position when the node cannot tell where the stream stands.
+pub fn gap_frame(channel: &str, position: Option<Position>) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64 + channel.len());
     frame
         .push_str(r#"{"type":"gap","channel":"#)
         .push_json_string(channel);
+    if let Some(position) = position {
+        frame
+            .push_str(r#","epoch":""#)
+            .push_str(position.epoch.as_str())
+            .push_str(r#"","offset":"#)
+            .push_u64(position.offset);
+    }
     frame.finish()
 }
 

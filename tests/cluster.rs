@@ -79,7 +79,7 @@ async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
     let (mut b1, _) = b.connect_json("channels=news").await;
     let (mut b2, _) = b.connect_json("channels=news").await;
     let (mut c1, _) = c.connect_json("channels=news").await;
-    wait_numsub(&redis, "herald:ch:news", 2).await;
+    wait_numsub(&redis, "herald:{news}:messages", 2).await;
 
     // HTTP publishes on A, which has no subscriber of its own.
     let mut http = a.http().await;
@@ -147,13 +147,18 @@ async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
         expect_silence(ws, Duration::from_millis(200)).await;
     }
 
-    // The offset counter lives in Redis, and expires (5 minutes after the last publish).
+    // The stream lives in Redis, and expires (5 minutes after the last publish); its history
+    // holds the last 100 messages.
     let counter = redis
-        .command(&["GET", "herald:offset:news"])
+        .command(&["HGET", "herald:{news}:stream", "offset"])
         .expect("redis answers");
     assert!(counter.ends_with("91\r\n"), "{counter:?}");
+    let kept = redis
+        .command(&["LLEN", "herald:{news}:history"])
+        .expect("redis answers");
+    assert_eq!(kept.trim(), ":91", "{kept:?}");
     let ttl = redis
-        .command(&["PTTL", "herald:offset:news"])
+        .command(&["PTTL", "herald:{news}:stream"])
         .expect("redis answers");
     let ttl: i64 = ttl
         .trim()
@@ -222,7 +227,7 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     wait_ready(&[&a]).await;
     let channels = |pattern: &str| redis.pubsub_channels(pattern);
     assert!(
-        channels("herald:ch:*").is_empty(),
+        channels("herald:{*}:messages").is_empty(),
         "no channel without subscribers"
     );
 
@@ -230,7 +235,7 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     let (mut second, _) = a.connect_json("").await;
     send_json(&mut second, json!({"type":"subscribe","channel":"temp"})).await;
     recv_json(&mut second).await;
-    wait_numsub(&redis, "herald:ch:temp", 1).await;
+    wait_numsub(&redis, "herald:{temp}:messages", 1).await;
 
     // One of two subscribers leaves: still subscribed. A marker channel subscribed after it
     // shows that the node has handled the change.
@@ -238,16 +243,20 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     recv_json(&mut first).await;
     send_json(&mut first, json!({"type":"subscribe","channel":"marker"})).await;
     recv_json(&mut first).await;
-    wait_numsub(&redis, "herald:ch:marker", 1).await;
-    assert_eq!(redis.numsub("herald:ch:temp"), Some(1));
+    wait_numsub(&redis, "herald:{marker}:messages", 1).await;
+    assert_eq!(redis.numsub("herald:{temp}:messages"), Some(1));
 
     // The last one leaves by unsubscribing, the marker's by disconnecting.
     send_json(&mut second, json!({"type":"unsubscribe","channel":"temp"})).await;
     recv_json(&mut second).await;
-    wait_numsub(&redis, "herald:ch:temp", 0).await;
+    wait_numsub(&redis, "herald:{temp}:messages", 0).await;
     first.send(Message::Close(None)).await.expect("close");
-    wait_numsub(&redis, "herald:ch:marker", 0).await;
-    assert!(channels("herald:ch:*").is_empty(), "{:?}", channels("*"));
+    wait_numsub(&redis, "herald:{marker}:messages", 0).await;
+    assert!(
+        channels("herald:{*}:messages").is_empty(),
+        "{:?}",
+        channels("*")
+    );
     assert_eq!(channels("herald:broadcast"), ["herald:broadcast"]);
 
     // A client id's direct-send route lives as long as its last connection.
@@ -299,8 +308,8 @@ async fn an_undecodable_message_in_redis_is_announced_as_a_gap() {
     let a = node(&redis.url()).await;
     wait_ready(&[&a]).await;
     let (mut subscriber, _) = a.connect_json("channels=news").await;
-    wait_numsub(&redis, "herald:ch:news", 1).await;
-    let published = redis.command(&["PUBLISH", "herald:ch:news", "not a herald message"]);
+    wait_numsub(&redis, "herald:{news}:messages", 1).await;
+    let published = redis.command(&["PUBLISH", "herald:{news}:messages", "not a herald message"]);
     assert_eq!(published.as_deref(), Some(":1\r\n"));
     let gap = recv_json(&mut subscriber).await;
     assert_eq!(
@@ -331,7 +340,7 @@ async fn a_node_started_without_redis_serves_locally_and_turns_ready_when_it_com
 
     let redis = RedisServer::start_on(port);
     wait_ready(&[&a]).await;
-    wait_numsub(&redis, "herald:ch:news", 1).await;
+    wait_numsub(&redis, "herald:{news}:messages", 1).await;
     let reply = a.http().await.post_json("/api/publish/news", "2").await;
     assert_eq!(reply.status, 200);
     assert_eq!(
@@ -358,7 +367,7 @@ async fn redis_dying_mid_stream_is_refused_announced_and_recovered() {
     wait_ready(&[&a, &b]).await;
     let (mut live, _) = b.connect_json("channels=live,other").await;
     let (mut client_b, _) = b.connect_json("").await;
-    wait_numsub(&redis, "herald:ch:live", 1).await;
+    wait_numsub(&redis, "herald:{live}:messages", 1).await;
     let mut http = a.http().await;
     for n in 1..=5u64 {
         assert_eq!(
@@ -396,23 +405,30 @@ async fn redis_dying_mid_stream_is_refused_announced_and_recovered() {
 
     redis.restart();
     wait_ready(&[&a, &b]).await;
-    let mut gaps = vec![recv_json(&mut live).await, recv_json(&mut live).await];
+    // Redis restarted empty: its streams start again in new epochs, and the history that
+    // could have covered the outage is gone, so each channel gets a gap saying where the new
+    // stream goes on from.
+    let mut gaps = [recv_json(&mut live).await, recv_json(&mut live).await];
     gaps.sort_by_key(|gap| gap["channel"].as_str().map(str::to_owned));
-    assert_eq!(
-        gaps,
-        [
-            json!({"type":"gap","channel":"live"}),
-            json!({"type":"gap","channel":"other"})
-        ]
-    );
-    wait_numsub(&redis, "herald:ch:live", 1).await;
-    // Redis restarted empty, so the channel's offsets start again (the gap said so).
+    let mut epochs = Vec::new();
+    for (gap, channel) in gaps.iter_mut().zip(["live", "other"]) {
+        let epoch = gap["epoch"].take();
+        assert_eq!(epoch.as_str().map(str::len), Some(8), "{gap}");
+        epochs.push(epoch);
+        assert_eq!(
+            *gap,
+            json!({"type":"gap","channel":channel,"epoch":null,"offset":0})
+        );
+    }
+    wait_numsub(&redis, "herald:{live}:messages", 1).await;
     let reply = a.http().await.post_json("/api/publish/live", "8").await;
     assert_eq!(reply.status, 200);
     assert_eq!(
         recv_json(&mut live).await,
         json!({"type":"message","channel":"live","offset":1,"data":8})
     );
+    let history = a.http().await.get("/api/history/live").await.json();
+    assert_eq!(history["epoch"], epochs[0], "the gap named the new stream");
     send_json(
         &mut client_b,
         json!({"type":"publish","channel":"live","data":9}),
@@ -444,7 +460,7 @@ async fn a_redis_that_stops_answering_never_holds_a_publisher() {
     let a = TestServer::start(config).await;
     wait_ready(&[&a]).await;
     let (mut subscriber, _) = a.connect_json("channels=news").await;
-    wait_numsub(&redis, "herald:ch:news", 1).await;
+    wait_numsub(&redis, "herald:{news}:messages", 1).await;
 
     // Redis holds every client's commands for 3 s: the publish fails after the 300 ms timeout
     // (or at once, once the node has noticed), with 503, not after Redis wakes up.
@@ -455,7 +471,7 @@ async fn a_redis_that_stops_answering_never_holds_a_publisher() {
     assert_eq!(reply.json()["error"], "broker_unavailable");
 
     wait_ready(&[&a]).await;
-    wait_numsub(&redis, "herald:ch:news", 1).await;
+    wait_numsub(&redis, "herald:{news}:messages", 1).await;
     let reply = a.http().await.post_json("/api/publish/news", "2").await;
     assert_eq!(reply.status, 200);
     assert_eq!(recv_message(&mut subscriber).await["data"], 2);
@@ -482,7 +498,7 @@ async fn a_subscribed_reply_means_messages_from_every_node_arrive() {
         .await;
         assert_eq!(recv_json(&mut subscriber).await["type"], "subscribed");
         assert_eq!(
-            redis.numsub(&format!("herald:ch:{channel}")),
+            redis.numsub(&format!("herald:{{{channel}}}:messages")),
             Some(1),
             "subscribed before the node's Redis subscription"
         );
@@ -504,7 +520,7 @@ async fn a_subscribed_reply_means_messages_from_every_node_arrive() {
             .connect_json(&format!("channels={channel}&client_id=fresh-{i}"))
             .await;
         assert_eq!(
-            redis.numsub(&format!("herald:ch:{channel}")),
+            redis.numsub(&format!("herald:{{{channel}}}:messages")),
             Some(1),
             "{channel}"
         );

@@ -1,7 +1,7 @@
 //! The cluster wire format (`herald::broker::wire`): what nodes read from Redis.
 //!
 //! Input: `[flags, bytes...]`. Flags bit 0 says whether the bytes are read as a channel
-//! message (with an offset prefix) or as a direct send / broadcast (without).
+//! message (with a stamp: epoch, offset, time) or as a direct send / broadcast (without).
 //!
 //! Properties:
 //! - `decode` never panics on arbitrary bytes;
@@ -9,12 +9,13 @@
 //!   disagree on what one message means), a JSON payload is one JSON value (serde_json's
 //!   syntax check), a text payload is UTF-8, and `from` is a valid client id;
 //! - built messages round-trip: the bytes are also read as a message to build (bits 1-2 pick
-//!   the payload kind, bit 3 adds a sender, the next 8 bytes are the offset), and
-//!   `decode(encode(m))` gives back exactly `m`; the offset prefix is what the Redis publish
-//!   script writes (`string.format('%d', offset) .. ':' .. body`).
+//!   the payload kind, bit 3 adds a sender, the next 8 bytes are the offset and the 8 after
+//!   them the time), and `decode(encode(m))` gives back exactly `m`; the stamp is what the
+//!   Redis publish script writes (`epoch .. ':' .. offset .. ':' .. at_ms .. ':' .. body`).
 #![no_main]
 
-use herald::broker::wire::{WireMessage, decode, encode, encode_body};
+use herald::broker::wire::{Stamp, WireMessage, decode, encode, encode_body};
+use herald::registry::Epoch;
 use herald::name;
 use herald::protocol::Payload;
 use libfuzzer_sys::fuzz_target;
@@ -36,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Arbitrary bytes from the network.
     if let Ok(message) = decode(rest, with_offset) {
-        assert_eq!(message.offset.is_some(), with_offset);
+        assert_eq!(message.stamp.is_some(), with_offset);
         assert_eq!(encode(&message), rest, "accepted bytes are canonical");
         if let Some(from) = message.from {
             assert!(name::validate(from).is_ok(), "from is a valid client id");
@@ -49,10 +50,18 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // A message built from the bytes round-trips.
-    let (offset_bytes, body) = rest.split_at(rest.len().min(8));
-    let mut offset = [0u8; 8];
-    offset[..offset_bytes.len()].copy_from_slice(offset_bytes);
-    let offset = with_offset.then(|| u64::from_le_bytes(offset));
+    let (offset_bytes, rest) = rest.split_at(rest.len().min(8));
+    let (at_bytes, body) = rest.split_at(rest.len().min(8));
+    let number = |bytes: &[u8]| {
+        let mut number = [0u8; 8];
+        number[..bytes.len()].copy_from_slice(bytes);
+        u64::from_le_bytes(number)
+    };
+    let stamp = with_offset.then(|| Stamp {
+        epoch: Epoch::parse("fuzz0000").expect("an epoch"),
+        offset: number(offset_bytes),
+        at_ms: number(at_bytes),
+    });
     let from = (flags & 8 != 0).then_some("sender-1");
     let payload = match (flags >> 1) & 3 {
         0 => match Payload::from_body(body, true) {
@@ -66,13 +75,13 @@ fuzz_target!(|data: &[u8]| {
         _ => Payload::Binary(body),
     };
     let message = WireMessage {
-        offset,
+        stamp,
         from,
         payload,
     };
     let bytes = encode(&message);
-    if let Some(offset) = offset {
-        let mut scripted = format!("{offset}:").into_bytes();
+    if let Some(Stamp { epoch, offset, at_ms }) = stamp {
+        let mut scripted = format!("{epoch}:{offset}:{at_ms}:").into_bytes();
         scripted.extend_from_slice(&encode_body(from, payload));
         assert_eq!(
             bytes, scripted,
@@ -80,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let decoded = decode(&bytes, with_offset).expect("an encoded message decodes");
-    assert_eq!(decoded.offset, offset);
+    assert_eq!(decoded.stamp, stamp);
     assert_eq!(decoded.from, from);
     assert_eq!(parts(&decoded.payload), parts(&payload));
 });

@@ -2,12 +2,15 @@
 //! connection that follows what this node wants, and the reconnect loop around the latter.
 //!
 //! Names in Redis (see the README's cluster section):
-//! - `herald:ch:<channel>`: the pub/sub channel of a Herald channel;
-//! - `herald:offset:<channel>`: its offset counter, expiring [`OFFSET_TTL_MS`] after the last
-//!   publish;
+//! - `herald:{<channel>}:messages`, `:stream`, `:history`: a Herald channel's pub/sub channel,
+//!   stream (epoch and offset) and history (see [`super::streams`]);
 //! - `herald:client:<client_id>`: direct sends, subscribed by every node with a connection of
 //!   that client id;
 //! - `herald:broadcast`: broadcasts, subscribed by every node.
+//!
+//! A node that misses messages (its subscriber connection was down, or a message of another
+//! epoch or past a gap arrives) reads them from the channel's history and delivers them in
+//! order before going on; only what the history no longer holds is announced as a gap.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,33 +21,30 @@ use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use rand::Rng as _;
 use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, Client, Msg, RedisError, Script};
+use redis::{AsyncConnectionConfig, Client, Msg, RedisError};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::BrokerError;
+use super::streams::{self, Stamped, StreamRead, Streams, channel_name, channel_of};
 use super::wire;
-use crate::registry::{Interest, Registry, Topic};
+use crate::registry::{Interest, Position, Registry, Relayed, Topic};
 
-/// Prefix of the Redis pub/sub channel of each Herald channel.
-pub const CHANNEL_PREFIX: &str = "herald:ch:";
-/// Prefix of the Redis key holding each channel's offset counter.
-pub const OFFSET_PREFIX: &str = "herald:offset:";
 /// Prefix of the Redis pub/sub channel of each client id (direct sends).
 pub const CLIENT_PREFIX: &str = "herald:client:";
 /// The Redis pub/sub channel of broadcasts.
 pub const BROADCAST_CHANNEL: &str = "herald:broadcast";
-/// How long an offset counter outlives its channel's last publish: the local broker's channel
-/// retention, so that offsets continue for a subscriber that joins soon after.
-pub const OFFSET_TTL_MS: u64 = 5 * 60 * 1000;
+/// Messages read from a channel's history per round trip while a node heals a gap.
+const HEAL_BATCH: usize = 512;
 
 /// The first pause after a failed connection; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest pause between two connection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How often a node renews the offset counters of the channels it subscribes to: well within
-/// [`OFFSET_TTL_MS`].
-const OFFSET_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How often a node renews the streams (epoch and offset) of the channels it subscribes to:
+/// well within their time to live, so that a channel's stream goes on while it has
+/// subscribers somewhere.
+const STREAM_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long a subscriber session must have lasted for the next reconnect to start with the
 /// shortest pause again.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
@@ -53,16 +53,6 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Subscribe commands in flight at once while (re)subscribing everything.
 const SUBSCRIBE_PIPELINE: usize = 256;
-
-/// Takes the channel's next offset and publishes the message with it, in one round trip and
-/// atomically, so every node sees offsets in the order Redis published them.
-/// KEYS[1] offset key; ARGV[1] pub/sub channel, ARGV[2] message body, ARGV[3] TTL in ms.
-const PUBLISH_SCRIPT: &str = r"
-local offset = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local nodes = redis.call('PUBLISH', ARGV[1], string.format('%d', offset) .. ':' .. ARGV[2])
-return {offset, nodes}
-";
 
 /// Whether the subscriber connection is up and subscribed, and why not.
 #[derive(Debug)]
@@ -107,7 +97,7 @@ impl Heard {
         self.names
             .lock()
             .iter()
-            .filter_map(|name| name.strip_prefix(CHANNEL_PREFIX))
+            .filter_map(|name| channel_of(name))
             .map(str::to_owned)
             .collect()
     }
@@ -142,11 +132,6 @@ impl Drop for Hold {
     }
 }
 
-/// The Redis pub/sub channel of a Herald channel.
-pub fn channel_name(channel: &str) -> String {
-    format!("{CHANNEL_PREFIX}{channel}")
-}
-
 /// The Redis pub/sub channel of a client id's direct sends.
 pub fn client_name(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
@@ -168,7 +153,7 @@ type PublisherSlot = Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>;
 pub struct Backplane {
     client: Client,
     publisher: PublisherSlot,
-    script: Script,
+    streams: Arc<Streams>,
     timeout: Duration,
     health: Arc<Health>,
     heard: Arc<Heard>,
@@ -192,7 +177,9 @@ impl Backplane {
         registry: Registry,
         interest: Arc<Interest>,
         timeout: Duration,
+        limits: streams::StreamLimits,
     ) -> Self {
+        let streams = Arc::new(Streams::new(limits));
         let health = Arc::new(Health {
             ready: AtomicBool::new(false),
             reason: Mutex::new("not connected to redis yet".to_owned()),
@@ -208,6 +195,7 @@ impl Backplane {
                 holds: Arc::clone(&holds),
                 health: Arc::clone(&health),
                 publisher: Arc::clone(&publisher),
+                streams: Arc::clone(&streams),
                 timeout,
                 heard: Arc::clone(&heard),
             }
@@ -216,7 +204,7 @@ impl Backplane {
         Self {
             client,
             publisher,
-            script: Script::new(PUBLISH_SCRIPT),
+            streams,
             timeout,
             health,
             heard,
@@ -291,20 +279,41 @@ impl Backplane {
         }
     }
 
-    /// Publishes `body` (see [`wire::encode_body`]) to `channel`; returns the offset Redis
-    /// gave it and how many nodes received it.
+    /// Publishes `body` (see [`wire::encode_body`]) to `channel`: stores it in the channel's
+    /// history and publishes it; returns the epoch and offset Redis gave it and how many nodes
+    /// received it.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
-    pub async fn publish(&self, channel: &str, body: Vec<u8>) -> Result<(u64, u64), BrokerError> {
+    pub async fn publish(&self, channel: &str, body: Vec<u8>) -> Result<Stamped, BrokerError> {
         self.readiness()?;
         let mut conn = self.connection().await?;
-        let mut invocation = self.script.key(format!("{OFFSET_PREFIX}{channel}"));
-        invocation
-            .arg(channel_name(channel))
-            .arg(body)
-            .arg(OFFSET_TTL_MS);
-        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
+        let result =
+            tokio::time::timeout(self.timeout, self.streams.publish(&mut conn, channel, body))
+                .await
+                .map(|result| result.map_err(stream_error));
+        self.settle(result).await
+    }
+
+    /// Where `channel`'s stream stands in Redis and up to `limit` of its stored messages after
+    /// `after` (the newest when `None`).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn read(
+        &self,
+        channel: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<StreamRead, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let result = tokio::time::timeout(
+            self.timeout,
+            self.streams.read(&mut conn, channel, after, limit),
+        )
+        .await
+        .map(|result| result.map_err(stream_error));
         self.settle(result).await
     }
 
@@ -396,6 +405,17 @@ async fn publisher_connection(
 /// A Redis failure in words for the clients that see it (`broker_unavailable` replies and
 /// `/readyz`): the redis crate's own text names its error kinds as Rust identifiers. The full
 /// error goes to the log where it happens.
+/// A stream reply that cannot be used, as a Redis error for [`describe`].
+fn stream_error(err: streams::StreamError) -> RedisError {
+    match err {
+        streams::StreamError::Redis(err) => err,
+        streams::StreamError::Epoch => RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "invalid epoch in the stream",
+        )),
+    }
+}
+
 fn describe(err: &RedisError) -> String {
     if err.is_timeout() {
         return "redis did not answer in time".to_owned();
@@ -422,6 +442,8 @@ struct Subscriber {
     holds: Holds,
     health: Arc<Health>,
     publisher: PublisherSlot,
+    /// The stream scripts, for healing from the history.
+    streams: Arc<Streams>,
     timeout: Duration,
     /// The Redis channels subscribed on the current connection.
     heard: Arc<Heard>,
@@ -503,8 +525,11 @@ impl Subscriber {
         self.health.set_ready();
         if failed_before {
             self.registry.metrics().broker_reconnects.inc();
-            if let Err(reason) = self.announce_gaps().await {
-                return not_ready(reason);
+            // What was published while the node was cut off comes from the histories.
+            for channel in self.heard.channels() {
+                if let Err(reason) = self.heal(&channel).await {
+                    return not_ready(reason);
+                }
             }
         }
         tracing::info!(
@@ -513,8 +538,8 @@ impl Subscriber {
         );
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.reset();
-        let mut keep_offsets = tokio::time::interval(OFFSET_KEEPALIVE);
-        keep_offsets.reset();
+        let mut keep_streams = tokio::time::interval(STREAM_KEEPALIVE);
+        keep_streams.reset();
         loop {
             let outcome = tokio::select! {
                 message = stream.next() => match message {
@@ -522,8 +547,8 @@ impl Subscriber {
                     None => Err("the redis subscriber connection closed".to_owned()),
                 },
                 () = self.interest.changed() => self.follow_interest(&sink).await,
-                _ = keep_offsets.tick() => {
-                    self.keep_offsets().await;
+                _ = keep_streams.tick() => {
+                    self.keep_streams().await;
                     Ok(())
                 }
                 _ = ping.tick() => {
@@ -611,60 +636,142 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Renews the offset counters of the channels this node subscribes to, so that a channel
-    /// keeps counting while it has subscribers somewhere, as on one node. Best effort: a
+    /// Renews the streams of the channels this node subscribes to, so that a channel's epoch
+    /// and offsets go on while it has subscribers somewhere, as on one node. Best effort: a
     /// failure is logged, and the next round (or a publish) renews them.
-    async fn keep_offsets(&self) {
+    async fn keep_streams(&self) {
         let keys: Vec<String> = self
             .heard
             .channels()
             .iter()
-            .map(|channel| format!("{OFFSET_PREFIX}{channel}"))
+            .map(|channel| streams::stream_key(channel))
             .collect();
         if keys.is_empty() {
             return;
         }
+        let ttl = i64::try_from(self.streams.limits().stream_ttl_ms).unwrap_or(i64::MAX);
         let renewed = async {
-            let mut conn =
-                publisher_connection(&self.client, &self.publisher, self.timeout, &self.registry)
-                    .await
-                    .map_err(|err| err.to_string())?;
+            let mut conn = self.connection().await.map_err(|err| err.to_string())?;
             let mut pipe = redis::pipe();
             for key in &keys {
-                pipe.pexpire(key, OFFSET_TTL_MS as i64).ignore();
+                pipe.pexpire(key, ttl).ignore();
             }
             tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
                 .await
                 .map_err(|_| "timed out".to_owned())?
-                .map_err(|err| err.to_string())
+                .map_err(|err| describe(&err))
         };
         if let Err(err) = renewed.await {
-            tracing::warn!(%err, channels = keys.len(), "renewing offset counters failed");
+            tracing::warn!(%err, channels = keys.len(), "renewing channel streams failed");
         }
     }
 
-    /// Tells the subscribers of every channel subscribed again that messages may be missing.
-    async fn announce_gaps(&self) -> Result<(), String> {
-        let channels = self.heard.channels();
-        for channel in &channels {
-            self.registry
-                .announce_gap(channel)
-                .await
-                .map_err(|err| err.to_string())?;
+    async fn connection(&self) -> Result<MultiplexedConnection, BrokerError> {
+        publisher_connection(&self.client, &self.publisher, self.timeout, &self.registry).await
+    }
+
+    /// Reads a channel's stream for healing; a failure ends the session (Redis is in trouble,
+    /// and the next session heals again).
+    async fn read(&self, channel: &str, after: u64) -> Result<StreamRead, String> {
+        let mut conn = self.connection().await.map_err(|err| err.to_string())?;
+        match tokio::time::timeout(
+            self.timeout,
+            self.streams
+                .read(&mut conn, channel, Some(after), HEAL_BATCH),
+        )
+        .await
+        {
+            Ok(Ok(read)) => Ok(read),
+            Ok(Err(err)) => Err(format!(
+                "reading a channel's history failed: {}",
+                describe(&stream_error(err))
+            )),
+            Err(_) => Err("redis did not answer a history read in time".to_owned()),
         }
+    }
+
+    /// Brings this node's position in `channel` up to Redis's: delivers, in order, what the
+    /// history holds of the messages the node missed, and skips (with a gap frame saying where
+    /// messages go on from) only what it no longer holds, or a stream Redis started anew.
+    async fn heal(&self, channel: &str) -> Result<(), String> {
+        loop {
+            let Some(known) = self.registry.relayed(channel) else {
+                // No subscriber here relies on a position yet: it reads its own on subscribe.
+                return Ok(());
+            };
+            let read = self.read(channel, known.offset).await?;
+            if read.epoch != known.epoch {
+                self.skip(
+                    channel,
+                    Position {
+                        epoch: read.epoch,
+                        offset: 0,
+                    },
+                )
+                .await?;
+                continue;
+            }
+            if known.offset >= read.latest {
+                return Ok(());
+            }
+            if known.offset + 1 < read.first {
+                self.skip(
+                    channel,
+                    Position {
+                        epoch: read.epoch,
+                        offset: read.first - 1,
+                    },
+                )
+                .await?;
+                continue;
+            }
+            if read.messages.is_empty() {
+                // Nothing replayable follows the position: go on from the latest.
+                self.skip(
+                    channel,
+                    Position {
+                        epoch: read.epoch,
+                        offset: read.latest,
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+            for bytes in &read.messages {
+                let Ok(message) = wire::decode(bytes, true) else {
+                    break;
+                };
+                let Some(stamp) = message.stamp else { break };
+                self.registry
+                    .deliver(
+                        channel,
+                        stamp.epoch,
+                        stamp.offset,
+                        message.from,
+                        message.payload,
+                    )
+                    .await
+                    .map_err(|err| err.to_string())?;
+            }
+        }
+    }
+
+    /// Moves this node's position in `channel` to `position`, announcing the gap.
+    async fn skip(&self, channel: &str, position: Position) -> Result<(), String> {
+        self.registry.metrics().broker_gaps.inc();
         self.registry
-            .metrics()
-            .broker_gaps
-            .inc_by(channels.len() as u64);
-        Ok(())
+            .skip_to(channel, position)
+            .await
+            .map_err(|err| err.to_string())
     }
 
-    /// Hands one message from Redis to this node's connections. A message that does not
-    /// decode is logged and dropped, with a gap announced to its channel's subscribers; only
-    /// a stopped registry ends the session.
+    /// Hands one message from Redis to this node's connections. A channel message that does
+    /// not follow on from the last one is healed from the history first. A message that does
+    /// not decode is logged and dropped, with a gap announced to its channel's subscribers;
+    /// only a stopped registry or Redis failing a history read ends the session.
     async fn relay(&self, message: &Msg) -> Result<(), String> {
         let name = message.get_channel_name();
-        let (route, with_offset) = if let Some(channel) = name.strip_prefix(CHANNEL_PREFIX) {
+        let (route, stamped) = if let Some(channel) = channel_of(name) {
             (Route::Channel(channel), true)
         } else if let Some(client_id) = name.strip_prefix(CLIENT_PREFIX) {
             (Route::Client(client_id), false)
@@ -673,7 +780,7 @@ impl Subscriber {
         } else {
             return Ok(());
         };
-        let decoded = match wire::decode(message.get_payload_bytes(), with_offset) {
+        let decoded = match wire::decode(message.get_payload_bytes(), stamped) {
             Ok(decoded) => decoded,
             Err(err) => {
                 tracing::warn!(%err, name, "dropping an undecodable message from redis");
@@ -690,21 +797,37 @@ impl Subscriber {
                 };
             }
         };
-        let delivered = match route {
+        match route {
             Route::Channel(channel) => {
-                let offset = decoded.offset.unwrap_or_default();
-                self.registry
-                    .deliver(channel, offset, decoded.from, decoded.payload)
-                    .await
+                let stamp = decoded.stamp.expect("channel messages are stamped");
+                let deliver = || {
+                    self.registry.deliver(
+                        channel,
+                        stamp.epoch,
+                        stamp.offset,
+                        decoded.from,
+                        decoded.payload,
+                    )
+                };
+                let relayed = deliver().await.map_err(|err| err.to_string())?;
+                if matches!(relayed, Relayed::Gap { .. } | Relayed::NewEpoch) {
+                    self.heal(channel).await?;
+                    deliver().await.map_err(|err| err.to_string())?;
+                }
+                Ok(())
             }
             Route::Client(client_id) => {
                 self.registry
                     .send_to(client_id, decoded.from, decoded.payload);
                 Ok(())
             }
-            Route::Broadcast => self.registry.broadcast(decoded.payload).await.map(drop),
-        };
-        delivered.map_err(|err| err.to_string())
+            Route::Broadcast => self
+                .registry
+                .broadcast(decoded.payload)
+                .await
+                .map(drop)
+                .map_err(|err| err.to_string()),
+        }
     }
 }
 

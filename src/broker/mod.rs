@@ -7,14 +7,18 @@
 //! sees each channel in the same order with the same offsets.
 
 pub mod backplane;
+pub mod streams;
 pub mod wire;
 
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::Payload;
+use bytes::Bytes;
+
 use crate::registry::{
-    Epoch, HistoryPage, Interest, Position, PublishError, RecoveryFailure, Registry, Topic,
+    CatchUp, ConnId, Cursor, Epoch, HistoryPage, Interest, Position, PublishError, Recovery,
+    RecoveryFailure, Registry, Source, Standing, Topic, history_start,
 };
 
 pub use backplane::Hold;
@@ -116,7 +120,18 @@ impl Broker {
             .map_err(|err| ConfigError::RedisUrl(err.to_string()))?;
         let interest = Arc::new(Interest::default());
         let registry = Registry::with_interest(config, Arc::clone(&interest));
-        let backplane = Backplane::start(client, registry.clone(), interest, config.redis_timeout);
+        let limits = streams::StreamLimits::new(
+            config.history_size,
+            config.history_ttl,
+            crate::registry::RETENTION_MS,
+        );
+        let backplane = Backplane::start(
+            client,
+            registry.clone(),
+            interest,
+            config.redis_timeout,
+            limits,
+        );
         Ok(Self {
             registry,
             backplane: Some(Arc::new(backplane)),
@@ -145,7 +160,7 @@ impl Broker {
     pub async fn until_heard(&self, channel: &str) {
         if let Some(backplane) = &self.backplane {
             backplane
-                .until_heard(&[backplane::channel_name(channel)])
+                .until_heard(&[streams::channel_name(channel)])
                 .await;
         }
     }
@@ -184,34 +199,121 @@ impl Broker {
             }
             Some(backplane) => {
                 let body = wire::encode_body(from, payload);
-                let (offset, nodes) = backplane.publish(channel, body).await?;
+                let stamped = backplane.publish(channel, body).await?;
                 self.registry.metrics().publishes.inc();
                 Ok(Published {
-                    offset,
-                    reach: Reach::Nodes(nodes),
+                    offset: stamped.offset,
+                    reach: Reach::Nodes(stamped.nodes),
                 })
             }
         }
     }
 
     /// Up to `limit` stored messages of `channel`, oldest first: after `since`, or the newest.
+    /// In cluster mode they are read from the channel's history in Redis.
     ///
     /// # Errors
-    /// [`BrokerError::NotRecovered`] when `since` cannot be continued from.
+    /// [`BrokerError::NotRecovered`] when `since` cannot be continued from;
+    /// [`BrokerError::Unavailable`] when Redis is down.
     pub async fn history(
         &self,
         channel: &str,
         since: Option<Position>,
         limit: usize,
     ) -> Result<HistoryPage, BrokerError> {
-        self.registry
-            .history(channel, since, limit)
-            .map_err(|(failure, standing)| BrokerError::NotRecovered {
+        let not_recovered =
+            |(failure, standing): (RecoveryFailure, Standing)| BrokerError::NotRecovered {
                 channel: channel.to_owned(),
                 failure,
                 epoch: standing.epoch,
                 offset: standing.offset,
-            })
+            };
+        let Some(backplane) = &self.backplane else {
+            return self
+                .registry
+                .history(channel, since, limit)
+                .map_err(not_recovered);
+        };
+        let read = backplane
+            .read(channel, since.map(|position| position.offset), limit)
+            .await?;
+        let fetched = read.fetched(channel);
+        let after = history_start(&fetched, since, limit).map_err(not_recovered)?;
+        Ok(HistoryPage {
+            epoch: fetched.epoch,
+            offset: fetched.latest,
+            messages: fetched
+                .frames
+                .into_iter()
+                .filter(|(offset, _)| *offset > after)
+                .take(limit)
+                .collect(),
+        })
+    }
+
+    /// Where `channel` stands and what a recovery from `since` would come to, when this node
+    /// can tell without a round trip (memory mode); `None` in cluster mode.
+    pub fn standing_now(&self, channel: &str, since: Option<Position>) -> Option<Standing> {
+        match self.backplane {
+            None => Some(self.registry.standing(channel, since)),
+            Some(_) => None,
+        }
+    }
+
+    /// One step of a subscription's catch-up (see [`Registry::catch_up`]): what the client
+    /// missed comes from this node's history in memory mode, and from the channel's history in
+    /// Redis in cluster mode (read first, at most `room` messages). While Redis is down a
+    /// recovery fails with `history_unavailable`, and a subscription goes on from where this
+    /// node stands.
+    pub async fn catch_up(
+        &self,
+        id: ConnId,
+        channel: &str,
+        cursor: Cursor,
+        room: usize,
+        reply: impl FnOnce(&Standing) -> Option<Bytes>,
+    ) -> CatchUp {
+        let Some(backplane) = &self.backplane else {
+            return self
+                .registry
+                .catch_up(id, channel, cursor, room, Source::Local, reply);
+        };
+        let (after, limit) = match cursor {
+            Cursor::Start(None) => (0, 0),
+            Cursor::Start(Some(position)) | Cursor::Resume(position) => (position.offset, room),
+        };
+        match backplane.read(channel, Some(after), limit).await {
+            Ok(read) => {
+                let fetched = read.fetched(channel);
+                self.registry
+                    .catch_up(id, channel, cursor, room, Source::Fetched(&fetched), reply)
+            }
+            Err(err) => match cursor {
+                Cursor::Resume(_) => CatchUp::Interrupted,
+                Cursor::Start(since) => {
+                    tracing::debug!(%err, channel, "history unavailable for a subscribe");
+                    let unavailable = |mut standing: Standing| {
+                        if since.is_some() {
+                            standing.recovery =
+                                Recovery::Failed(RecoveryFailure::HistoryUnavailable);
+                        }
+                        standing
+                    };
+                    let caught_up = self.registry.catch_up(
+                        id,
+                        channel,
+                        Cursor::Start(None),
+                        0,
+                        Source::Local,
+                        |standing| reply(&unavailable(*standing)),
+                    );
+                    match caught_up {
+                        CatchUp::Live(standing) => CatchUp::Live(unavailable(standing)),
+                        other => other,
+                    }
+                }
+            },
+        }
     }
 
     /// Sends to every connection of `client_id`, on every node. A count of zero means nobody

@@ -2,20 +2,27 @@
 //! decoder that treats what it reads as hostile network input.
 //!
 //! ```text
-//! message = [offset ":"] body
-//! offset  = decimal u64, 1 to 20 digits, no leading zero (channel messages only)
+//! message = [stamp] body
+//! stamp   = epoch ":" offset ":" at_ms ":"     (channel messages only)
+//! epoch   = 8 characters of 0-9 a-z            (the channel stream's epoch)
+//! offset  = decimal u64, 1 to 20 digits, no leading zero
+//! at_ms   = decimal u64, the same rule          (Redis's clock at the publish, in ms)
 //! body    = VERSION kind from_len from payload
 //! kind    = 0 JSON | 1 text | 2 binary          (one byte, see protocol::Payload)
 //! from_len= one byte, 0 for none, else 1..=128; from is a valid client id
 //! payload = the rest, byte for byte
 //! ```
 //!
-//! The publishing node encodes the body; for channel messages the Redis script puts the offset
-//! it took in front of it, in the same round trip as the `PUBLISH`. The encoding is canonical:
-//! every accepted message re-encodes to exactly the same bytes.
+//! The publishing node encodes the body; for channel messages the Redis script puts the stamp
+//! in front of it (the stream's epoch, the offset it took and the time), in the same atomic
+//! step that stores the message in the channel's history and publishes it. What is published
+//! and what is stored are the same bytes. The encoding is canonical: every accepted message
+//! re-encodes to exactly the same bytes.
 
 use crate::name;
 use crate::protocol::Payload;
+use crate::registry::Epoch;
+use crate::registry::history::EPOCH_LEN;
 
 /// The body's first byte; a different one is refused, so a future format is never misread.
 pub const VERSION: u8 = 1;
@@ -26,11 +33,23 @@ const KIND_BINARY: u8 = 2;
 /// The most digits a u64 has.
 const MAX_OFFSET_DIGITS: usize = 20;
 
+/// Where a channel message stands in its stream, as the Redis script stamped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The channel stream's epoch.
+    pub epoch: Epoch,
+    /// The offset Redis gave the message.
+    pub offset: u64,
+    /// Redis's clock when the message was published, in milliseconds since the Unix epoch
+    /// (the history's time to live is measured on it).
+    pub at_ms: u64,
+}
+
 /// One decoded message.
 #[derive(Debug, Clone, Copy)]
 pub struct WireMessage<'a> {
-    /// The channel offset Redis gave it; `None` for direct sends and broadcasts.
-    pub offset: Option<u64>,
+    /// The stamp of a channel message; `None` for direct sends and broadcasts.
+    pub stamp: Option<Stamp>,
     /// The sending client's id, when a client sent it.
     pub from: Option<&'a str>,
     /// The content.
@@ -40,7 +59,10 @@ pub struct WireMessage<'a> {
 /// Why bytes read from Redis are not a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    /// The offset prefix is not a decimal u64 written canonically, or its `:` is missing.
+    /// The stamp's epoch is not one this server makes, or its `:` is missing.
+    #[error("invalid epoch")]
+    Epoch,
+    /// A number of the stamp is not a decimal u64 written canonically, or its `:` is missing.
     #[error("invalid offset")]
     Offset,
     /// The body is shorter than its header says.
@@ -81,13 +103,15 @@ pub fn encode_body(from: Option<&str>, payload: Payload<'_>) -> Vec<u8> {
 /// Encodes a whole message, as the Redis script assembles it for channel messages.
 pub fn encode(message: &WireMessage<'_>) -> Vec<u8> {
     let body = encode_body(message.from, message.payload);
-    match message.offset {
-        Some(offset) => {
-            let mut digits = itoa::Buffer::new();
-            let digits = digits.format(offset).as_bytes();
-            let mut out = Vec::with_capacity(digits.len() + 1 + body.len());
-            out.extend_from_slice(digits);
+    match message.stamp {
+        Some(stamp) => {
+            let mut out = Vec::with_capacity(EPOCH_LEN + 44 + body.len());
+            out.extend_from_slice(stamp.epoch.as_str().as_bytes());
             out.push(b':');
+            for number in [stamp.offset, stamp.at_ms] {
+                out.extend_from_slice(itoa::Buffer::new().format(number).as_bytes());
+                out.push(b':');
+            }
             out.extend_from_slice(&body);
             out
         }
@@ -95,15 +119,15 @@ pub fn encode(message: &WireMessage<'_>) -> Vec<u8> {
     }
 }
 
-/// Decodes a message; `with_offset` says whether an offset prefix must be there (channel
-/// messages) or must not (direct sends and broadcasts).
+/// Decodes a message; `stamped` says whether a stamp must be there (channel messages) or must
+/// not (direct sends and broadcasts).
 ///
 /// # Errors
 /// The first thing wrong with the bytes, as a [`WireError`]. Never panics.
-pub fn decode(bytes: &[u8], with_offset: bool) -> Result<WireMessage<'_>, WireError> {
-    let (offset, body) = if with_offset {
-        let (offset, body) = split_offset(bytes)?;
-        (Some(offset), body)
+pub fn decode(bytes: &[u8], stamped: bool) -> Result<WireMessage<'_>, WireError> {
+    let (stamp, body) = if stamped {
+        let (stamp, body) = split_stamp(bytes)?;
+        (Some(stamp), body)
     } else {
         (None, bytes)
     };
@@ -134,14 +158,36 @@ pub fn decode(bytes: &[u8], with_offset: bool) -> Result<WireMessage<'_>, WireEr
         other => return Err(WireError::Kind(other)),
     };
     Ok(WireMessage {
-        offset,
+        stamp,
         from,
         payload,
     })
 }
 
-/// Splits `digits ":" body`, refusing anything but a canonical decimal u64.
-fn split_offset(bytes: &[u8]) -> Result<(u64, &[u8]), WireError> {
+/// Splits `epoch ":" offset ":" at_ms ":" body`.
+fn split_stamp(bytes: &[u8]) -> Result<(Stamp, &[u8]), WireError> {
+    let (epoch, rest) = bytes
+        .split_at_checked(EPOCH_LEN)
+        .filter(|(_, rest)| rest.first() == Some(&b':'))
+        .ok_or(WireError::Epoch)?;
+    let epoch = std::str::from_utf8(epoch)
+        .ok()
+        .and_then(Epoch::parse)
+        .ok_or(WireError::Epoch)?;
+    let (offset, rest) = split_number(&rest[1..])?;
+    let (at_ms, body) = split_number(rest)?;
+    Ok((
+        Stamp {
+            epoch,
+            offset,
+            at_ms,
+        },
+        body,
+    ))
+}
+
+/// Splits `digits ":" rest`, refusing anything but a canonical decimal u64.
+fn split_number(bytes: &[u8]) -> Result<(u64, &[u8]), WireError> {
     let colon = bytes
         .iter()
         .take(MAX_OFFSET_DIGITS + 1)
@@ -165,10 +211,18 @@ fn split_offset(bytes: &[u8]) -> Result<(u64, &[u8]), WireError> {
 mod tests {
     use super::*;
 
+    fn stamp(offset: u64) -> Option<Stamp> {
+        Some(Stamp {
+            epoch: Epoch::parse("abcd1234").unwrap(),
+            offset,
+            at_ms: 1_764_000_000_000,
+        })
+    }
+
     fn round_trip(message: WireMessage<'_>) {
         let bytes = encode(&message);
-        let decoded = decode(&bytes, message.offset.is_some()).expect("decodes");
-        assert_eq!(decoded.offset, message.offset);
+        let decoded = decode(&bytes, message.stamp.is_some()).expect("decodes");
+        assert_eq!(decoded.stamp, message.stamp);
         assert_eq!(decoded.from, message.from);
         assert_eq!(encode(&decoded), bytes);
     }
@@ -176,22 +230,22 @@ mod tests {
     #[test]
     fn every_payload_kind_round_trips() {
         round_trip(WireMessage {
-            offset: Some(7),
+            stamp: stamp(7),
             from: Some("alice"),
             payload: Payload::Json(br#"{"a":[1,2]}"#),
         });
         round_trip(WireMessage {
-            offset: Some(u64::MAX),
+            stamp: stamp(u64::MAX),
             from: None,
             payload: Payload::Text("hi: there"),
         });
         round_trip(WireMessage {
-            offset: None,
+            stamp: None,
             from: Some(&"x".repeat(128)),
             payload: Payload::Binary(&[0, 0xff, b':', 1]),
         });
         round_trip(WireMessage {
-            offset: None,
+            stamp: None,
             from: None,
             payload: Payload::Binary(&[]),
         });
@@ -201,14 +255,40 @@ mod tests {
     fn refuses_malformed_messages() {
         let body = encode_body(None, Payload::Text("x"));
         let with = |prefix: &[u8]| [prefix, &body].concat();
-        assert_eq!(decode(&with(b"01:"), true).unwrap_err(), WireError::Offset);
-        assert_eq!(decode(&with(b":"), true).unwrap_err(), WireError::Offset);
-        assert_eq!(decode(&with(b"-1:"), true).unwrap_err(), WireError::Offset);
+        let stamped = |numbers: &[u8]| with(&[b"abcd1234:", numbers].concat());
         assert_eq!(
-            decode(&with(b"18446744073709551616:"), true).unwrap_err(),
+            decode(&stamped(b"01:5:"), true).unwrap_err(),
             WireError::Offset
         );
-        assert_eq!(decode(&body, true).unwrap_err(), WireError::Offset);
+        assert_eq!(
+            decode(&stamped(b"1:05:"), true).unwrap_err(),
+            WireError::Offset
+        );
+        assert_eq!(
+            decode(&stamped(b":5:"), true).unwrap_err(),
+            WireError::Offset
+        );
+        assert_eq!(
+            decode(&stamped(b"-1:5:"), true).unwrap_err(),
+            WireError::Offset
+        );
+        assert_eq!(
+            decode(&stamped(b"1:"), true).unwrap_err(),
+            WireError::Offset
+        );
+        assert_eq!(
+            decode(&stamped(b"18446744073709551616:5:"), true).unwrap_err(),
+            WireError::Offset
+        );
+        assert_eq!(
+            decode(&with(b"ABCD1234:1:5:"), true).unwrap_err(),
+            WireError::Epoch
+        );
+        assert_eq!(
+            decode(&with(b"abcd123:1:5:"), true).unwrap_err(),
+            WireError::Epoch
+        );
+        assert_eq!(decode(&body, true).unwrap_err(), WireError::Epoch);
         assert_eq!(decode(&[1, 0], false).unwrap_err(), WireError::Truncated);
         assert_eq!(
             decode(&[9, 0, 0], false).unwrap_err(),

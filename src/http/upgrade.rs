@@ -128,10 +128,13 @@ pub fn admit(
         session.auth = Some(auth);
     }
     // A raw client cannot be told in a frame that its position was not recovered: it is told
-    // here, before the upgrade.
+    // here, before the upgrade, when the node can tell without asking Redis (memory mode; in
+    // cluster mode it learns it from the close frame).
     if session.format == Format::Raw {
         for (channel, position) in &session.since {
-            let standing = state.broker.registry().standing(channel, Some(*position));
+            let Some(standing) = state.broker.standing_now(channel, Some(*position)) else {
+                continue;
+            };
             if let Recovery::Failed(failure) = standing.recovery {
                 return Err(HttpError::NotRecovered {
                     channel: channel.clone(),

@@ -36,13 +36,17 @@ pub struct ChannelState {
     pub raw_subscribers: u64,
     /// When the channel was last published to or last lost a subscriber (registry clock, ms).
     pub touched_ms: u64,
-    /// The last messages, for recovery.
+    /// The last messages, for recovery (memory mode; in cluster mode they live in Redis).
     pub history: History,
+    /// The epoch and offset are the stream's own. Always in memory mode, where this node is
+    /// the stream; in cluster mode once Redis has said where the stream stands (a message
+    /// relayed, or a subscriber's read), and no longer once the node stops listening.
+    pub confirmed: bool,
 }
 
 impl ChannelState {
     /// A channel seen for the first time: a new epoch, nothing published.
-    pub fn new() -> Self {
+    pub fn new(confirmed: bool) -> Self {
         Self {
             epoch: Epoch::random(),
             offset: 0,
@@ -50,6 +54,7 @@ impl ChannelState {
             raw_subscribers: 0,
             touched_ms: 0,
             history: History::default(),
+            confirmed,
         }
     }
 }
@@ -62,18 +67,20 @@ type Stripe = Mutex<HashMap<Arc<str>, ChannelState>>;
 pub struct ChannelTable {
     stripes: Box<[Stripe]>,
     hasher: RandomState,
-}
-
-impl Default for ChannelTable {
-    fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
-        }
-    }
+    /// This node is each stream (memory mode), rather than following streams kept in Redis.
+    local: bool,
 }
 
 impl ChannelTable {
+    /// An empty table; `local` when this node is the only one (memory mode).
+    pub fn new(local: bool) -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            local,
+        }
+    }
+
     /// Locks the stripe holding `channel`. The guard must not be held across an `.await`.
     pub fn lock(&self, channel: &str) -> MutexGuard<'_, HashMap<Arc<str>, ChannelState>> {
         let stripe = self.hasher.hash_one(channel) as usize % STRIPES;
@@ -83,6 +90,7 @@ impl ChannelTable {
     /// The state of `channel` in a locked stripe, made (with a new epoch) if the channel is new,
     /// with the table's own copy of its name.
     pub fn entry<'a>(
+        &self,
         stripe: &'a mut HashMap<Arc<str>, ChannelState>,
         channel: &str,
     ) -> (Arc<str>, &'a mut ChannelState) {
@@ -90,7 +98,7 @@ impl ChannelTable {
             Some((name, _)) => Arc::clone(name),
             None => {
                 let name: Arc<str> = Arc::from(channel);
-                stripe.insert(Arc::clone(&name), ChannelState::new());
+                stripe.insert(Arc::clone(&name), ChannelState::new(self.local));
                 name
             }
         };
@@ -104,7 +112,7 @@ impl ChannelTable {
         let mut stripe = self.lock(channel);
         let state = stripe
             .entry(Arc::clone(channel))
-            .or_insert_with(ChannelState::new);
+            .or_insert_with(|| ChannelState::new(self.local));
         let before = state.subscribers;
         state.subscribers = state.subscribers.saturating_add_signed(delta);
         if raw {
@@ -112,6 +120,10 @@ impl ChannelTable {
         }
         if delta < 0 {
             state.touched_ms = now_ms;
+        }
+        if state.subscribers == 0 && !self.local {
+            // The node stops listening to the stream: what it knew of it goes stale.
+            state.confirmed = false;
         }
         (before == 0) != (state.subscribers == 0)
     }

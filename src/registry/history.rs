@@ -92,6 +92,8 @@ pub enum RecoveryFailure {
     PositionAhead,
     /// The connection is subscribed to the channel already; nothing is replayed.
     AlreadySubscribed,
+    /// Cluster mode, and Redis is down: the history cannot be read now.
+    HistoryUnavailable,
 }
 
 impl RecoveryFailure {
@@ -102,6 +104,7 @@ impl RecoveryFailure {
             RecoveryFailure::PositionExpired => "position_expired",
             RecoveryFailure::PositionAhead => "position_ahead",
             RecoveryFailure::AlreadySubscribed => "already_subscribed",
+            RecoveryFailure::HistoryUnavailable => "history_unavailable",
         }
     }
 }
@@ -127,6 +130,20 @@ pub struct Standing {
     pub offset: u64,
     /// The recovery's outcome.
     pub recovery: Recovery,
+}
+
+/// Where a channel stands in the cluster's shared history and what it holds after some
+/// offset, as read from Redis, for [`crate::registry::Registry::catch_up`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The stream's epoch.
+    pub epoch: Epoch,
+    /// The stream's latest offset.
+    pub latest: u64,
+    /// The offset of the oldest message still kept (`latest + 1` when none is).
+    pub first: u64,
+    /// Message frames after the offset asked for, oldest first, with consecutive offsets.
+    pub frames: Vec<(u64, Bytes)>,
 }
 
 /// The limits every channel's history keeps to.

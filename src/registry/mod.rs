@@ -35,7 +35,8 @@ use crate::protocol::{self, Payload};
 use crate::ws::frame::{OpCode, encode_frame};
 
 use channels::ChannelTable;
-pub use history::{Epoch, Position, Recovery, RecoveryFailure, Standing};
+pub use channels::RETENTION_MS;
+pub use history::{Epoch, Fetched, Position, Recovery, RecoveryFailure, Standing};
 use history::{HistoryBudget, HistoryLimits};
 pub use interest::{Interest, Topic};
 pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
@@ -118,6 +119,34 @@ pub enum CatchUp {
     Interrupted,
     /// The connection is closed or closing (its queue overflowed).
     Gone,
+}
+
+/// Where [`Registry::catch_up`] reads what a client missed.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// This node's own history (memory mode).
+    Local,
+    /// What was just read from Redis (cluster mode).
+    Fetched(&'a Fetched),
+}
+
+/// What [`Registry::deliver`] did with a message relayed from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    /// Handed to the writers.
+    Delivered,
+    /// Already relayed (or read from the history); dropped.
+    Duplicate,
+    /// Messages after `after` are missing before this one: read them from the history first.
+    Gap {
+        /// The offset this node last relayed.
+        after: u64,
+    },
+    /// The message is of another epoch than the one this node follows: the stream was
+    /// started again.
+    NewEpoch,
+    /// Nobody on this node subscribes to the channel.
+    NotListening,
 }
 
 /// A page of a channel's history, for `/api/history`.
@@ -236,7 +265,7 @@ impl Registry {
             (0..config.shards).map(|_| Shard::new()).unzip();
         let inner = Arc::new(Inner {
             shards: shards.into_boxed_slice(),
-            channels: ChannelTable::default(),
+            channels: ChannelTable::new(interest.is_none()),
             limits: Limits {
                 queue_capacity: config.queue_capacity,
                 history: HistoryLimits {
@@ -403,7 +432,7 @@ impl Registry {
         if !self.join(id, channel)? {
             return Ok(false);
         }
-        match self.catch_up(id, channel, Cursor::Start(None), 0, |_| None) {
+        match self.catch_up(id, channel, Cursor::Start(None), 0, Source::Local, |_| None) {
             CatchUp::Live(_) => Ok(true),
             _ => Err(SubscribeError::Gone),
         }
@@ -452,15 +481,16 @@ impl Registry {
 
     /// The second step of a subscription the connection has [joined](Registry::join): under
     /// the channel's lock, queues what the client missed after `cursor` (at most `room`
-    /// frames) and, once nothing is missing, attaches the subscription so that live messages
-    /// follow. On [`Cursor::Start`], `reply` is given where the channel stands and what the
-    /// recovery came to, and the frame it returns is queued first.
+    /// frames) from `source` and, once nothing is missing, attaches the subscription so that
+    /// live messages follow. On [`Cursor::Start`], `reply` is given where the channel stands
+    /// and what the recovery came to, and the frame it returns is queued first.
     pub fn catch_up(
         &self,
         id: ConnId,
         channel: &str,
         cursor: Cursor,
         room: usize,
+        source: Source<'_>,
         reply: impl FnOnce(&Standing) -> Option<Bytes>,
     ) -> CatchUp {
         let inner = &*self.inner;
@@ -471,44 +501,78 @@ impl Registry {
             return CatchUp::Gone;
         };
         let mut stripe = inner.channels.lock(channel);
-        let (_, state) = ChannelTable::entry(&mut stripe, channel);
-        let latest = state.offset;
+        let (_, state) = inner.channels.entry(&mut stripe, channel);
+        if let Source::Fetched(fetched) = source {
+            if !state.confirmed {
+                state.epoch = fetched.epoch;
+                state.offset = fetched.latest;
+                state.confirmed = true;
+            }
+        }
+        // The stream as the source has it: this node's own (memory mode), or Redis's.
+        let (epoch, latest, first) = match source {
+            Source::Local => (
+                state.epoch,
+                state.offset,
+                state.history.first_offset(state.offset),
+            ),
+            Source::Fetched(fetched) => (fetched.epoch, fetched.latest, fetched.first),
+        };
         let (after, standing, reply) = match cursor {
             Cursor::Start(since) => {
                 let recovery = since.map_or(Recovery::NotAsked, |position| {
-                    recovery_of(position, state.epoch, latest, &state.history)
+                    recovery_of(position, epoch, latest, first)
                 });
                 let after = match (recovery, since) {
                     (Recovery::Recovered, Some(position)) => position.offset,
                     _ => latest,
                 };
                 let standing = Standing {
-                    epoch: state.epoch,
+                    epoch,
                     offset: latest,
                     recovery,
                 };
                 (after, standing, reply(&standing))
             }
             Cursor::Resume(position) => {
-                if position.epoch != state.epoch {
+                if position.epoch != epoch
+                    || (position.offset < latest && position.offset + 1 < first)
+                {
                     return CatchUp::Interrupted;
                 }
                 let standing = Standing {
-                    epoch: state.epoch,
+                    epoch,
                     offset: latest,
                     recovery: Recovery::Recovered,
                 };
                 (position.offset, standing, None)
             }
         };
-        let frames = if after == latest || room == 0 {
+        let frames = if after >= latest || room == 0 {
             Vec::new()
         } else {
-            match state.history.after(after, latest, room) {
-                Some(frames) => frames,
-                None => return CatchUp::Interrupted,
+            match source {
+                Source::Local => match state.history.after(after, latest, room) {
+                    Some(frames) => frames,
+                    None => return CatchUp::Interrupted,
+                },
+                Source::Fetched(fetched) => fetched
+                    .frames
+                    .iter()
+                    .filter(|(offset, _)| *offset > after)
+                    .take(room)
+                    .cloned()
+                    .collect(),
             }
         };
+        if frames
+            .first()
+            .is_some_and(|(offset, _)| *offset != after + 1)
+            || (frames.is_empty() && after < latest && room > 0)
+        {
+            // What the source holds does not follow on from the cursor.
+            return CatchUp::Interrupted;
+        }
         let capacity = inner.limits.queue_capacity;
         let replayed = frames.last().map_or(after, |(offset, _)| *offset);
         for frame in
@@ -528,18 +592,22 @@ impl Registry {
                 Push::Closing => return CatchUp::Gone,
             }
         }
-        if replayed < latest {
+        // In cluster mode the node may have relayed messages past what was read from Redis;
+        // those must be read too before the subscription can follow the relay.
+        let caught_up = replayed >= latest
+            && (state.epoch != epoch || !state.confirmed || replayed >= state.offset);
+        if !caught_up {
             return CatchUp::Replaying {
                 standing,
                 cursor: Position {
-                    epoch: standing.epoch,
+                    epoch,
                     offset: replayed,
                 },
             };
         }
-        // Still under the channel's lock: no publish can take an offset past `latest` before
-        // the subscription is in the fan-out, and those up to it that the writers have yet to
-        // push stop at the floor.
+        // Still under the channel's lock: no message can be handed to the writers past
+        // `replayed` before the subscription is in the fan-out, and those up to it that the
+        // writers have yet to push stop at the floor.
         let attached = self.with_entry(id, |shard, key| {
             let entry = &shard.conns[key as usize];
             let Some(channel) = entry.subscriptions.iter().find(|c| &***c == channel) else {
@@ -547,8 +615,12 @@ impl Registry {
             };
             let channel = Arc::clone(channel);
             ShardState::index_add(&mut shard.channels, &channel, key);
-            if latest > 0 {
-                shard.floors.entry(channel).or_default().insert(key, latest);
+            if replayed > 0 {
+                shard
+                    .floors
+                    .entry(channel)
+                    .or_default()
+                    .insert(key, replayed);
             }
             true
         });
@@ -559,23 +631,24 @@ impl Registry {
         }
     }
 
-    /// Where `channel` stands now (its epoch and latest offset), and what a recovery from
-    /// `since` would come to. Does not subscribe anything: a peek, for answering a request
-    /// before a connection exists.
+    /// Where `channel` stands on this node (its epoch and latest offset), and what a recovery
+    /// from `since` would come to, in memory mode. Does not subscribe anything: a peek, for
+    /// answering a request before a connection exists.
     pub fn standing(&self, channel: &str, since: Option<Position>) -> Standing {
         let mut stripe = self.inner.channels.lock(channel);
-        let (_, state) = ChannelTable::entry(&mut stripe, channel);
+        let (_, state) = self.inner.channels.entry(&mut stripe, channel);
+        let first = state.history.first_offset(state.offset);
         Standing {
             epoch: state.epoch,
             offset: state.offset,
             recovery: since.map_or(Recovery::NotAsked, |position| {
-                recovery_of(position, state.epoch, state.offset, &state.history)
+                recovery_of(position, state.epoch, state.offset, first)
             }),
         }
     }
 
-    /// Up to `limit` messages of `channel`'s history, oldest first: those after `since` when
-    /// it is given, the newest ones otherwise.
+    /// Up to `limit` messages of `channel`'s history in memory mode, oldest first: those
+    /// after `since` when it is given, the newest ones otherwise.
     ///
     /// # Errors
     /// The [`RecoveryFailure`] when `since` is in another epoch, before the window or ahead of
@@ -587,32 +660,22 @@ impl Registry {
         limit: usize,
     ) -> Result<HistoryPage, (RecoveryFailure, Standing)> {
         let mut stripe = self.inner.channels.lock(channel);
-        let (_, state) = ChannelTable::entry(&mut stripe, channel);
+        let (_, state) = self.inner.channels.entry(&mut stripe, channel);
         let latest = state.offset;
-        let standing = |recovery| Standing {
+        let fetched = Fetched {
             epoch: state.epoch,
-            offset: latest,
-            recovery,
+            latest,
+            first: state.history.first_offset(latest),
+            frames: Vec::new(),
         };
-        let after = match since {
-            Some(position) => match recovery_of(position, state.epoch, latest, &state.history) {
-                Recovery::Failed(failure) => {
-                    return Err((failure, standing(Recovery::Failed(failure))));
-                }
-                _ => position.offset,
-            },
-            None => latest
-                .saturating_sub(limit as u64)
-                .max(state.history.first_offset(latest) - 1),
-        };
-        let messages = state
-            .history
-            .after(after, latest, limit)
-            .unwrap_or_default();
+        let after = history_start(&fetched, since, limit)?;
         Ok(HistoryPage {
             epoch: state.epoch,
             offset: latest,
-            messages,
+            messages: state
+                .history
+                .after(after, latest, limit)
+                .unwrap_or_default(),
         })
     }
 
@@ -662,7 +725,7 @@ impl Registry {
         let mut grown = 0;
         let receipt = {
             let mut stripe = inner.channels.lock(channel);
-            let (name, state) = ChannelTable::entry(&mut stripe, channel);
+            let (name, state) = inner.channels.entry(&mut stripe, channel);
             state.offset += 1;
             state.touched_ms = now;
             let receipt = PublishReceipt {
@@ -710,26 +773,44 @@ impl Registry {
         Ok(permits)
     }
 
-    /// Delivers a message that already has its `offset` (given by the cluster backplane) to
-    /// this node's subscribers of `channel`. Calls must come in offset order, one at a time:
-    /// the order of the calls is the order on every connection.
+    /// Delivers a message that already has its epoch and offset (stamped in Redis) to this
+    /// node's subscribers of `channel`, unless it does not follow on from what the node last
+    /// relayed: a duplicate is dropped, and a gap or another epoch is handed back for the
+    /// backplane to heal from the history first. Calls must come one at a time, in the order
+    /// the node hears them.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
     pub async fn deliver(
         &self,
         channel: &str,
+        epoch: Epoch,
         offset: u64,
         from: Option<&str>,
         payload: Payload<'_>,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Relayed, PublishError> {
         if !self.inner.channels.subscribed(channel).0 {
-            return Ok(());
+            return Ok(Relayed::NotListening);
         }
         let permits = self.reserve_writers().await?;
         let mut stripe = self.inner.channels.lock(channel);
-        let (name, state) = ChannelTable::entry(&mut stripe, channel);
+        let (name, state) = self.inner.channels.entry(&mut stripe, channel);
+        if state.confirmed {
+            if state.epoch != epoch {
+                return Ok(Relayed::NewEpoch);
+            }
+            if offset <= state.offset {
+                return Ok(Relayed::Duplicate);
+            }
+            if offset > state.offset + 1 {
+                return Ok(Relayed::Gap {
+                    after: state.offset,
+                });
+            }
+        }
+        state.epoch = epoch;
         state.offset = offset;
+        state.confirmed = true;
         state.touched_ms = self.now_ms();
         if state.subscribers > 0 {
             let raw = state.raw_subscribers > 0;
@@ -738,17 +819,51 @@ impl Registry {
                 permit.send(Arc::clone(&delivery));
             }
         }
+        Ok(Relayed::Delivered)
+    }
+
+    /// Where this node stands in `channel`'s stream: its epoch and the offset it last relayed,
+    /// once Redis has confirmed them.
+    pub fn relayed(&self, channel: &str) -> Option<Position> {
+        let stripe = self.inner.channels.lock(channel);
+        let state = stripe.get(channel).filter(|state| state.confirmed)?;
+        Some(Position {
+            epoch: state.epoch,
+            offset: state.offset,
+        })
+    }
+
+    /// Moves this node's position in `channel`'s stream to `position` without delivering
+    /// what lies between, and tells every json subscriber so with a gap frame that says where
+    /// messages go on from (`{"type":"gap","channel":..,"epoch":..,"offset":..}`): what the
+    /// history could not replay (it left the window, or Redis lost the stream) is lost to
+    /// them. Raw subscribers have no way to be told.
+    ///
+    /// # Errors
+    /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
+    pub async fn skip_to(&self, channel: &str, position: Position) -> Result<(), PublishError> {
+        let permits = self.reserve_writers().await?;
+        let mut stripe = self.inner.channels.lock(channel);
+        let (name, state) = self.inner.channels.entry(&mut stripe, channel);
+        state.epoch = position.epoch;
+        state.offset = position.offset;
+        state.confirmed = true;
+        let gap = protocol::gap_frame(&name, Some(position));
+        let delivery = Arc::new(Delivery::new(Some(name), gap, None));
+        for permit in permits {
+            permit.send(Arc::clone(&delivery));
+        }
         Ok(())
     }
 
     /// Tells every json subscriber of `channel` on this node that messages may have been
-    /// missed (`{"type":"gap","channel":..}`): the cluster backplane lost its connection and
-    /// has subscribed again. Raw subscribers have no way to be told.
+    /// missed (`{"type":"gap","channel":..}`), where the node cannot say from where: a
+    /// message reached it in a form it cannot read. Raw subscribers have no way to be told.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] when the writer tasks have stopped.
     pub async fn announce_gap(&self, channel: &str) -> Result<(), PublishError> {
-        let gap = protocol::gap_frame(channel);
+        let gap = protocol::gap_frame(channel, None);
         self.to_every_writer(Arc::new(Delivery::new(Some(Arc::from(channel)), gap, None)))
             .await
     }
@@ -917,22 +1032,46 @@ impl Registry {
 
 /// One channel message for the shard writers: the JSON envelope, and the raw frame when the
 /// channel has `format=raw` subscribers.
-/// What a recovery from `position` would come to, in a channel at `epoch` whose latest offset
-/// is `latest`.
-fn recovery_of(
-    position: Position,
-    epoch: Epoch,
-    latest: u64,
-    history: &history::History,
-) -> Recovery {
+/// What a recovery from `position` would come to, in a stream at `epoch` whose latest offset
+/// is `latest` and whose oldest kept message is `first`.
+fn recovery_of(position: Position, epoch: Epoch, latest: u64, first: u64) -> Recovery {
     if position.epoch != epoch {
         Recovery::Failed(RecoveryFailure::EpochChanged)
     } else if position.offset > latest {
         Recovery::Failed(RecoveryFailure::PositionAhead)
-    } else if position.offset + 1 < history.first_offset(latest) {
+    } else if position.offset < latest && position.offset + 1 < first {
         Recovery::Failed(RecoveryFailure::PositionExpired)
     } else {
         Recovery::Recovered
+    }
+}
+
+/// The offset a page of history starts after: `since`'s, when the stream can continue from
+/// it, or the one before the newest `limit` messages kept.
+///
+/// # Errors
+/// Why `since` cannot be continued from, with where the stream stands.
+pub fn history_start(
+    fetched: &Fetched,
+    since: Option<Position>,
+    limit: usize,
+) -> Result<u64, (RecoveryFailure, Standing)> {
+    let Some(position) = since else {
+        return Ok(fetched
+            .latest
+            .saturating_sub(limit as u64)
+            .max(fetched.first.saturating_sub(1)));
+    };
+    match recovery_of(position, fetched.epoch, fetched.latest, fetched.first) {
+        Recovery::Failed(failure) => Err((
+            failure,
+            Standing {
+                epoch: fetched.epoch,
+                offset: fetched.latest,
+                recovery: Recovery::Failed(failure),
+            },
+        )),
+        _ => Ok(position.offset),
     }
 }
 

@@ -192,7 +192,8 @@ impl Outbox {
         };
         let (mut batch, mut head) = {
             let mut state = self.state.lock();
-            if state.writing || state.held || (state.close.is_some() && !closing) {
+            // A closing connection writes its close frame even if it never got to release.
+            if state.writing || ((state.held || state.close.is_some()) && !closing) {
                 return Flushed::Done;
             }
             if state.blocked {
