@@ -129,6 +129,17 @@ struct ServeArgs {
     /// The longest one Redis call may take before it counts as failed.
     #[arg(long, env = "HERALD_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     redis_timeout: Duration,
+    /// How long a publish, send or broadcast with an Idempotency-Key is remembered: a retry
+    /// with the key within it gets the first reply and is not delivered again. 5 minutes
+    /// outlasts any useful retry of a real-time message, and is how long a channel keeps its
+    /// offsets without publishes, so a replayed offset is never one the channel started over.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    idempotency_window: Duration,
+    /// Idempotency keys remembered per route (publish, send, broadcast) by the in-memory
+    /// broker; past it the oldest is forgotten first, and a retry with it is carried out
+    /// again. In cluster mode keys live in Redis (each for the window) and this does not apply.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_KEYS", default_value_t = 100_000)]
+    idempotency_keys: usize,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -180,7 +191,9 @@ impl ServeArgs {
             .jwt_issuer(self.jwt_issuer.clone())
             .jwt_audience(self.jwt_audience.clone())
             .redis(self.redis.clone())
-            .redis_timeout(self.redis_timeout))
+            .redis_timeout(self.redis_timeout)
+            .idempotency_window(self.idempotency_window)
+            .idempotency_keys(self.idempotency_keys))
     }
 }
 

@@ -149,11 +149,11 @@ async fn publishes_reach_every_node_once_with_the_same_offsets_in_one_order() {
 
     // The offset counter lives in Redis, and expires (5 minutes after the last publish).
     let counter = redis
-        .command(&["GET", "herald:offset:news"])
+        .command(&["GET", "herald:{news}:offset"])
         .expect("redis answers");
     assert!(counter.ends_with("91\r\n"), "{counter:?}");
     let ttl = redis
-        .command(&["PTTL", "herald:offset:news"])
+        .command(&["PTTL", "herald:{news}:offset"])
         .expect("redis answers");
     let ttl: i64 = ttl
         .trim()

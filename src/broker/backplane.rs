@@ -3,11 +3,17 @@
 //!
 //! Names in Redis (see the README's cluster section):
 //! - `herald:ch:<channel>`: the pub/sub channel of a Herald channel;
-//! - `herald:offset:<channel>`: its offset counter, expiring [`OFFSET_TTL_MS`] after the last
+//! - `herald:{<channel>}:offset`: its offset counter, expiring [`OFFSET_TTL_MS`] after the last
 //!   publish;
 //! - `herald:client:<client_id>`: direct sends, subscribed by every node with a connection of
 //!   that client id;
-//! - `herald:broadcast`: broadcasts, subscribed by every node.
+//! - `herald:broadcast`: broadcasts, subscribed by every node;
+//! - `herald:{<channel>}:idem:<key>`, `herald:client:{<client_id>}:idem:<key>`,
+//!   `herald:broadcast:idem:<key>`: idempotency records (hashes of the request's fingerprint
+//!   and the first reply's numbers), expiring after the idempotency window.
+//!
+//! Every script touches keys of one hash slot only, ready for Redis Cluster: a channel's
+//! offset counter and its idempotency records share the `{<channel>}` hash tag.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,12 +30,12 @@ use tokio::task::JoinHandle;
 
 use super::BrokerError;
 use super::wire;
+use crate::config::Config;
+use crate::idempotency::{Outcome, RequestKey};
 use crate::registry::{Interest, Registry, Topic};
 
 /// Prefix of the Redis pub/sub channel of each Herald channel.
 pub const CHANNEL_PREFIX: &str = "herald:ch:";
-/// Prefix of the Redis key holding each channel's offset counter.
-pub const OFFSET_PREFIX: &str = "herald:offset:";
 /// Prefix of the Redis pub/sub channel of each client id (direct sends).
 pub const CLIENT_PREFIX: &str = "herald:client:";
 /// The Redis pub/sub channel of broadcasts.
@@ -55,14 +61,64 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const SUBSCRIBE_PIPELINE: usize = 256;
 
 /// Takes the channel's next offset and publishes the message with it, in one round trip and
-/// atomically, so every node sees offsets in the order Redis published them.
-/// KEYS[1] offset key; ARGV[1] pub/sub channel, ARGV[2] message body, ARGV[3] TTL in ms.
+/// atomically, so every node sees offsets in the order Redis published them. With an
+/// idempotency record, first looks it up: a record with the same request fingerprint is the
+/// reply again (nothing is published), one with another is refused; and a publish stores its
+/// reply in it, in the same atomic step, so that two nodes racing with one key publish once.
+/// KEYS[1] offset key, KEYS[2] (with a key) idempotency record; ARGV[1] pub/sub channel,
+/// ARGV[2] message body, ARGV[3] offset TTL in ms, ARGV[4] request fingerprint, ARGV[5]
+/// idempotency window in ms. Returns {status (see [`outcome`]), offset, nodes}.
 const PUBLISH_SCRIPT: &str = r"
+if KEYS[2] then
+  local seen = redis.call('HMGET', KEYS[2], 'request', 'offset', 'nodes')
+  if seen[1] then
+    if seen[1] ~= ARGV[4] then return {2, 0, 0} end
+    return {1, tonumber(seen[2]), tonumber(seen[3])}
+  end
+end
 local offset = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local nodes = redis.call('PUBLISH', ARGV[1], string.format('%d', offset) .. ':' .. ARGV[2])
-return {offset, nodes}
+if KEYS[2] then
+  redis.call('HSET', KEYS[2], 'request', ARGV[4], 'offset', offset, 'nodes', nodes)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return {0, offset, nodes}
 ";
+
+/// A direct send or broadcast with an idempotency key: [`PUBLISH_SCRIPT`]'s logic without an
+/// offset. A publish that reached fewer nodes than ARGV[5] is not stored (a direct send that
+/// reached nobody is a `404`, which a retry may turn into a delivery).
+/// KEYS[1] idempotency record; ARGV[1] pub/sub channel, ARGV[2] message body, ARGV[3] request
+/// fingerprint, ARGV[4] idempotency window in ms, ARGV[5] fewest nodes to store.
+/// Returns {status (see [`outcome`]), nodes}.
+const PLAIN_SCRIPT: &str = r"
+local seen = redis.call('HMGET', KEYS[1], 'request', 'nodes')
+if seen[1] then
+  if seen[1] ~= ARGV[3] then return {2, 0} end
+  return {1, tonumber(seen[2])}
+end
+local nodes = redis.call('PUBLISH', ARGV[1], ARGV[2])
+if nodes >= tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'request', ARGV[3], 'nodes', nodes)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return {0, nodes}
+";
+
+/// The scripts' status: a record with the same fingerprint answered; nothing was published.
+const REPLAYED: u8 = 1;
+/// The scripts' status: a record with another fingerprint refused; nothing was published.
+const REUSED: u8 = 2;
+
+/// What a script's status and numbers say; status 0 is a message published now.
+fn outcome<T>(status: u8, result: T) -> Outcome<T> {
+    match status {
+        REPLAYED => Outcome::Replayed(result),
+        REUSED => Outcome::Reused,
+        _ => Outcome::First(result),
+    }
+}
 
 /// Whether the subscriber connection is up and subscribed, and why not.
 #[derive(Debug)]
@@ -152,6 +208,54 @@ pub fn client_name(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
 }
 
+/// The Redis key of a channel's offset counter, in the channel's hash slot.
+pub fn offset_key(channel: &str) -> String {
+    format!("herald:{{{channel}}}:offset")
+}
+
+/// The Redis key of the idempotency record of a channel publish, in the hash slot of the
+/// channel's offset counter (the publish script touches both).
+pub fn publish_record(channel: &str, key: &str) -> String {
+    format!("herald:{{{channel}}}:idem:{key}")
+}
+
+/// Where a publish without an offset goes: a client id's direct sends or the broadcasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plain<'a> {
+    /// Every connection of this client id.
+    Client(&'a str),
+    /// Every connection.
+    Broadcast,
+}
+
+impl Plain<'_> {
+    /// The Redis pub/sub channel.
+    fn redis_channel(self) -> String {
+        match self {
+            Plain::Client(client_id) => client_name(client_id),
+            Plain::Broadcast => BROADCAST_CHANNEL.to_owned(),
+        }
+    }
+
+    /// The Redis key of a record for `key`. The names cannot be a channel's: those have a `{`
+    /// right after `herald:`.
+    fn record(self, key: &str) -> String {
+        match self {
+            Plain::Client(client_id) => format!("herald:client:{{{client_id}}}:idem:{key}"),
+            Plain::Broadcast => format!("herald:broadcast:idem:{key}"),
+        }
+    }
+
+    /// The fewest nodes a publish must reach for its reply to be kept: one for a direct
+    /// send, whose reply says `404 client_not_found` otherwise.
+    fn stored_from(self) -> u64 {
+        match self {
+            Plain::Client(_) => 1,
+            Plain::Broadcast => 0,
+        }
+    }
+}
+
 /// The Redis channel name of a topic.
 fn redis_name(topic: &Topic) -> String {
     match topic {
@@ -169,7 +273,10 @@ pub struct Backplane {
     client: Client,
     publisher: PublisherSlot,
     script: Script,
+    plain_script: Script,
     timeout: Duration,
+    /// How long idempotency records are kept, in ms.
+    window_ms: u64,
     health: Arc<Health>,
     heard: Arc<Heard>,
     holds: Holds,
@@ -186,13 +293,15 @@ impl Drop for Backplane {
 
 impl Backplane {
     /// Starts the subscriber task for `registry` (built with `interest`), which connects to
-    /// `client`'s Redis and keeps reconnecting. `timeout` bounds every Redis call.
+    /// `client`'s Redis and keeps reconnecting. [`Config::redis_timeout`] bounds every Redis
+    /// call; idempotency records are kept for [`Config::idempotency_window`].
     pub fn start(
         client: Client,
         registry: Registry,
         interest: Arc<Interest>,
-        timeout: Duration,
+        config: &Config,
     ) -> Self {
+        let timeout = config.redis_timeout;
         let health = Arc::new(Health {
             ready: AtomicBool::new(false),
             reason: Mutex::new("not connected to redis yet".to_owned()),
@@ -217,7 +326,9 @@ impl Backplane {
             client,
             publisher,
             script: Script::new(PUBLISH_SCRIPT),
+            plain_script: Script::new(PLAIN_SCRIPT),
             timeout,
+            window_ms: u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX),
             health,
             heard,
             holds,
@@ -299,13 +410,42 @@ impl Backplane {
     pub async fn publish(&self, channel: &str, body: Vec<u8>) -> Result<(u64, u64), BrokerError> {
         self.readiness()?;
         let mut conn = self.connection().await?;
-        let mut invocation = self.script.key(format!("{OFFSET_PREFIX}{channel}"));
+        let mut invocation = self.script.key(offset_key(channel));
         invocation
             .arg(channel_name(channel))
             .arg(body)
             .arg(OFFSET_TTL_MS);
         let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
-        self.settle(result).await
+        let (_, offset, nodes): (u8, u64, u64) = self.settle(result).await?;
+        Ok((offset, nodes))
+    }
+
+    /// [`Backplane::publish`] at most once per `key` within the idempotency window, on every
+    /// node: the record is checked and stored in the publish script. A retry (on any node, also
+    /// after this node timed out waiting for the first attempt's answer) gets the first
+    /// publish's offset and node count.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish_keyed(
+        &self,
+        channel: &str,
+        body: Vec<u8>,
+        key: &RequestKey,
+    ) -> Result<Outcome<(u64, u64)>, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let mut invocation = self.script.key(offset_key(channel));
+        invocation
+            .key(publish_record(channel, &key.key))
+            .arg(channel_name(channel))
+            .arg(body)
+            .arg(OFFSET_TTL_MS)
+            .arg(key.fingerprint.to_hex())
+            .arg(self.window_ms);
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
+        let (status, offset, nodes): (u8, u64, u64) = self.settle(result).await?;
+        Ok(outcome(status, (offset, nodes)))
     }
 
     /// Publishes `body` on a pub/sub channel as it is; returns how many nodes received it.
@@ -323,6 +463,31 @@ impl Backplane {
         command.arg(redis_channel).arg(body);
         let result = tokio::time::timeout(self.timeout, command.query_async(&mut conn)).await;
         self.settle(result).await
+    }
+
+    /// Publishes `body` to `target` at most once per `key` within the idempotency window, on
+    /// every node, as [`Backplane::publish_keyed`] does; returns how many nodes received it.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish_plain_keyed(
+        &self,
+        target: Plain<'_>,
+        body: Vec<u8>,
+        key: &RequestKey,
+    ) -> Result<Outcome<u64>, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let mut invocation = self.plain_script.key(target.record(&key.key));
+        invocation
+            .arg(target.redis_channel())
+            .arg(body)
+            .arg(key.fingerprint.to_hex())
+            .arg(self.window_ms)
+            .arg(target.stored_from());
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
+        let (status, nodes): (u8, u64) = self.settle(result).await?;
+        Ok(outcome(status, nodes))
     }
 
     /// Turns a Redis call's outcome into ours; a failure drops the publisher connection, so
@@ -583,7 +748,7 @@ impl Subscriber {
             .heard
             .channels()
             .iter()
-            .map(|channel| format!("{OFFSET_PREFIX}{channel}"))
+            .map(|channel| offset_key(channel))
             .collect();
         if keys.is_empty() {
             return;
