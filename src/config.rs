@@ -80,9 +80,10 @@ pub struct Config {
     pub idempotency_window: Duration,
     /// Keys the in-memory broker remembers per route (channel publishes, direct sends,
     /// broadcasts); past it the oldest is forgotten first, before its window ends, and a retry
-    /// with it is carried out again. Default 100 000 (a few hundred bytes each: some 20-40 MB
-    /// per route when full), which holds 5 minutes of 330 keyed publishes a second. In cluster
-    /// mode keys live in Redis, each expiring after the window, and this does not apply.
+    /// with it is carried out again. Default 100 000, which holds 5 minutes of 330 keyed
+    /// publishes a second, in some 200 bytes a key (20 MB per route when full; 43 MB with
+    /// 128-character keys and names). In cluster mode keys live in Redis, each expiring after
+    /// the window, and this does not apply.
     pub idempotency_keys: usize,
 }
 
@@ -588,5 +589,15 @@ mod tests {
             config.validate(),
             Err(ConfigError::IdleNotAfterPing { .. })
         ));
+        assert_eq!(
+            Config::default().idempotency_keys(0).validate(),
+            Err(ConfigError::Zero("idempotency-keys"))
+        );
+        assert_eq!(
+            Config::default()
+                .idempotency_window(Duration::ZERO)
+                .validate(),
+            Err(ConfigError::ZeroDuration("idempotency-window"))
+        );
     }
 }

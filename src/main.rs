@@ -415,6 +415,21 @@ mod tests {
         assert!(err.contains("no port"), "{err}");
     }
 
+    #[test]
+    fn idempotency_flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "herald",
+            "--idempotency-window",
+            "90s",
+            "--idempotency-keys",
+            "500",
+        ])
+        .expect("parses");
+        let config = cli.serve.config().expect("a config");
+        assert_eq!(config.idempotency_window, Duration::from_secs(90));
+        assert_eq!(config.idempotency_keys, 500);
+    }
+
     /// The flags repeat the library's defaults (clap shows them in `--help`); they must not
     /// drift apart.
     #[test]

@@ -107,33 +107,39 @@ async fn metric(server: &TestServer, name: &str) -> u64 {
 #[tokio::test]
 async fn a_retry_gets_the_first_reply_and_delivers_nothing_again() {
     let server = TestServer::default().await;
-    let (mut a, _) = server.connect_json("channels=news").await;
-    let (mut b, _) = server.connect_json("channels=news").await;
+    let (mut a, _) = server.connect_json("channels=orders").await;
+    let (mut b, _) = server.connect_json("channels=orders").await;
     let headers = [
         ("idempotency-key", "order-42-shipped"),
         ("content-type", "application/x-www-form-urlencoded"),
     ];
-    let first = post(&server, "/api/publish/news", &headers, "shipped").await;
+    let first = post(&server, "/api/publish/orders", &headers, "shipped").await;
     assert_eq!(first.status, 200);
     assert_eq!(
         body_text(&first),
-        r#"{"channel":"news","offset":1,"subscribers":2}"#
+        r#"{"channel":"orders","offset":1,"subscribers":2}"#
     );
     assert!(!replayed(&first), "a first reply is not marked");
     for _ in 0..3 {
-        let retry = post(&server, "/api/publish/news", &headers, "shipped").await;
+        let retry = post(&server, "/api/publish/orders", &headers, "shipped").await;
         assert_eq!(retry.status, 200);
         assert_eq!(retry.body, first.body, "the same reply, byte for byte");
         assert_eq!(retry.header("content-type"), Some("application/json"));
         assert!(replayed(&retry));
     }
+    let lost = post(&server, "/api/publish/orders", &headers, "lost").await;
+    assert_eq!(lost.status, 409);
+    assert_eq!(
+        body_text(&lost),
+        r#"{"error":"idempotency_key_reused","message":"Idempotency-Key \"order-42-shipped\" was used for a different request (another content type or body) to this route and target within --idempotency-window; use a new key for a new request"}"#
+    );
     for ws in [&mut a, &mut b] {
         assert_eq!(
             recv_json(ws).await,
-            json!({"type":"message","channel":"news","offset":1,"data":"shipped"})
+            json!({"type":"message","channel":"orders","offset":1,"data":"shipped"})
         );
     }
-    assert_next_is_marker(&server, "news", 2, &mut [&mut a, &mut b]).await;
+    assert_next_is_marker(&server, "orders", 2, &mut [&mut a, &mut b]).await;
     let stats = server.http().await.get("/api/stats").await.json();
     assert_eq!(stats["publishes"], 2, "retries are not publishes: {stats}");
 }
@@ -537,5 +543,32 @@ async fn a_retry_after_a_timeout_gets_the_offset_of_the_attempt_that_reached_red
     assert!(replayed(&retry));
     let reply: Value = retry.json();
     assert_eq!(reply, json!({"channel":"news","offset":1,"nodes":1}));
+    assert_next_is_marker(&a, "news", 2, &mut [&mut subscriber]).await;
+}
+
+/// README "Faults", the other half: a retry with its key after a first attempt that never
+/// reached Redis (it was down) is published.
+#[tokio::test]
+async fn a_retry_after_redis_was_down_is_published() {
+    let Some(mut redis) = RedisServer::start("idempotency while redis is down") else {
+        return;
+    };
+    let a = node(&redis.url()).await;
+    wait_ready(&[&a]).await;
+    let (mut subscriber, _) = a.connect_json("channels=news").await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    redis.kill();
+    let refused = post_keyed(&a, "/api/publish/news", "order-10", r#""shipped""#).await;
+    assert_eq!(refused.status, 503);
+    redis.restart();
+    wait_ready(&[&a]).await;
+    wait_numsub(&redis, "herald:ch:news", 1).await;
+    let retry = post_keyed(&a, "/api/publish/news", "order-10", r#""shipped""#).await;
+    assert_eq!(retry.status, 200, "{}", body_text(&retry));
+    assert!(
+        !replayed(&retry),
+        "nothing to replay: the first attempt went nowhere"
+    );
+    assert_eq!(recv_message(&mut subscriber).await["data"], "shipped");
     assert_next_is_marker(&a, "news", 2, &mut [&mut subscriber]).await;
 }
