@@ -13,11 +13,10 @@
 pub mod backplane;
 pub mod wire;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::idempotency::{Begin, Outcome, RequestKey, Store};
+use crate::idempotency::{Outcome, Pending, RequestKey, Store};
 use crate::protocol::Payload;
 use crate::registry::{Interest, PublishError, Registry, Topic};
 
@@ -266,9 +265,13 @@ impl Broker {
     ) -> Result<Outcome<Published>, BrokerError> {
         match &self.mode {
             Mode::Local(remembered) => {
-                let publish = self.publish(channel, None, payload);
-                self.once(&remembered.publishes, channel, key, publish, |_| true)
-                    .await
+                let pending = match remembered.publishes.begin(channel, key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let published = self.publish(channel, None, payload).await?;
+                self.remember(pending, published);
+                Ok(Outcome::First(published))
             }
             Mode::Cluster(backplane) => {
                 let body = wire::encode_body(None, payload);
@@ -298,11 +301,15 @@ impl Broker {
     ) -> Result<Outcome<Reach>, BrokerError> {
         match &self.mode {
             Mode::Local(remembered) => {
-                let send = self.send_to(client_id, None, payload);
-                self.once(&remembered.sends, client_id, key, send, |reach| {
-                    reach.count() > 0
-                })
-                .await
+                let pending = match remembered.sends.begin(client_id, key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let reach = self.send_to(client_id, None, payload).await?;
+                if reach.count() > 0 {
+                    self.remember(pending, reach);
+                }
+                Ok(Outcome::First(reach))
             }
             Mode::Cluster(backplane) => {
                 let body = wire::encode_body(None, payload);
@@ -324,9 +331,13 @@ impl Broker {
     ) -> Result<Outcome<Reach>, BrokerError> {
         match &self.mode {
             Mode::Local(remembered) => {
-                let broadcast = self.broadcast(payload);
-                self.once(&remembered.broadcasts, "", key, broadcast, |_| true)
-                    .await
+                let pending = match remembered.broadcasts.begin("", key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let reach = self.broadcast(payload).await?;
+                self.remember(pending, reach);
+                Ok(Outcome::First(reach))
             }
             Mode::Cluster(backplane) => {
                 let body = wire::encode_body(None, payload);
@@ -337,27 +348,11 @@ impl Broker {
         }
     }
 
-    /// Carries `first` out unless `store` has `key` for `target` (a retry, or a different
-    /// request under a used key), and remembers its result when `succeeded` says it is one to
-    /// replay.
-    async fn once<T: Clone>(
-        &self,
-        store: &Store<T>,
-        target: &str,
-        key: &RequestKey,
-        first: impl Future<Output = Result<T, BrokerError>>,
-        succeeded: impl FnOnce(&T) -> bool,
-    ) -> Result<Outcome<T>, BrokerError> {
-        match store.begin(target, key).await {
-            Begin::Replay(result) => Ok(Outcome::Replayed(result)),
-            Begin::Reused => Ok(Outcome::Reused),
-            Begin::First(pending) => {
-                let result = first.await?;
-                if succeeded(&result) && pending.finish(result.clone()) {
-                    self.registry.metrics().idempotency_keys_forgotten.inc();
-                }
-                Ok(Outcome::First(result))
-            }
+    /// Remembers a first request's result for its retries, counting a key forgotten early to
+    /// make room.
+    fn remember<T>(&self, pending: Pending<'_, T>, result: T) {
+        if pending.finish(result) {
+            self.registry.metrics().idempotency_keys_forgotten.inc();
         }
     }
 }

@@ -5,7 +5,7 @@
 //! paused clock. Entries are forgotten lazily, when the store is next used: in answer order,
 //! which is also expiry order, since every entry is kept for the same window.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Fingerprint, RequestKey};
+use super::{Fingerprint, Outcome, RequestKey};
 
 /// The keys of one route (channel publishes, direct sends or broadcasts) and their replies.
 #[derive(Debug)]
@@ -57,6 +57,20 @@ pub enum Begin<'a, T> {
     Reused,
 }
 
+impl<'a, T> Begin<'a, T> {
+    /// The [`Pending`] mark of a first request, or else what the caller answers instead.
+    ///
+    /// # Errors
+    /// The [`Outcome`] of a retry or of a reused key, to be answered as it is.
+    pub fn first(self) -> Result<Pending<'a, T>, Outcome<T>> {
+        match self {
+            Begin::First(pending) => Ok(pending),
+            Begin::Replay(result) => Err(Outcome::Replayed(result)),
+            Begin::Reused => Err(Outcome::Reused),
+        }
+    }
+}
+
 /// The mark of a first request being carried out; see [`Begin::First`].
 #[derive(Debug)]
 pub struct Pending<'a, T> {
@@ -98,15 +112,12 @@ impl<T: Clone> Store<T> {
             let mut ended = {
                 let mut inner = self.inner.lock();
                 inner.forget_expired(Instant::now());
-                match inner.entries.get_mut(&name) {
-                    None => {
-                        inner.entries.insert(
-                            Arc::clone(&name),
-                            Entry::Running {
-                                fingerprint: key.fingerprint,
-                                ended: None,
-                            },
-                        );
+                match inner.entries.entry(Arc::clone(&name)) {
+                    hash_map::Entry::Vacant(vacant) => {
+                        vacant.insert(Entry::Running {
+                            fingerprint: key.fingerprint,
+                            ended: None,
+                        });
                         return Begin::First(Pending {
                             store: self,
                             name,
@@ -114,24 +125,26 @@ impl<T: Clone> Store<T> {
                             finished: false,
                         });
                     }
-                    Some(Entry::Answered {
-                        fingerprint,
-                        result,
-                    }) => {
-                        return if *fingerprint == key.fingerprint {
-                            Begin::Replay(result.clone())
-                        } else {
-                            Begin::Reused
-                        };
-                    }
-                    Some(Entry::Running { fingerprint, ended }) => {
-                        if *fingerprint != key.fingerprint {
-                            return Begin::Reused;
+                    hash_map::Entry::Occupied(occupied) => match occupied.into_mut() {
+                        Entry::Answered {
+                            fingerprint,
+                            result,
+                        } => {
+                            return if *fingerprint == key.fingerprint {
+                                Begin::Replay(result.clone())
+                            } else {
+                                Begin::Reused
+                            };
                         }
-                        ended
-                            .get_or_insert_with(|| watch::channel(()).0)
-                            .subscribe()
-                    }
+                        Entry::Running { fingerprint, ended } => {
+                            if *fingerprint != key.fingerprint {
+                                return Begin::Reused;
+                            }
+                            ended
+                                .get_or_insert_with(|| watch::channel(()).0)
+                                .subscribe()
+                        }
+                    },
                 }
             };
             // Resolves (with an error: the sender is gone) once the first request has ended.
