@@ -76,7 +76,8 @@ pub struct Config {
     /// a retry with the key gets the first reply and is not delivered again. Default 5 minutes:
     /// longer than any retry schedule worth following for a real-time message (one retried
     /// later is stale anyway), and as long as a channel keeps its offset counter without
-    /// publishes, so a replayed offset is never one the channel has since started again from.
+    /// publishes, so a replayed offset never dates from before the channel's offsets started
+    /// again at 1.
     pub idempotency_window: Duration,
     /// Keys the in-memory broker remembers per route (channel publishes, direct sends,
     /// broadcasts); past it the oldest is forgotten first, before its window ends, and a retry

@@ -132,7 +132,7 @@ struct ServeArgs {
     /// How long a publish, send or broadcast with an Idempotency-Key is remembered: a retry
     /// with the key within it gets the first reply and is not delivered again. 5 minutes
     /// outlasts any useful retry of a real-time message, and is how long a channel keeps its
-    /// offsets without publishes, so a replayed offset is never one the channel started over.
+    /// offsets without publishes: a replayed offset never dates from before a restart at 1.
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
     idempotency_window: Duration,
     /// Idempotency keys remembered per route (publish, send, broadcast) by the in-memory
