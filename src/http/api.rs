@@ -21,10 +21,11 @@ use crate::idempotency::{self, Fingerprint, KeyError, Outcome, RequestKey};
 use crate::name;
 use crate::protocol::Payload;
 
-/// The request header that makes a publish, send or broadcast idempotent.
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The request header that makes a publish, send or broadcast idempotent (a `HeaderName`, so
+/// that looking for it on every request parses no name).
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The reply header that marks a reply given again to a retry.
-const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// `POST /api/publish/{channel}`.
 pub async fn publish(
@@ -117,7 +118,7 @@ struct KeyedHead {
 impl KeyedHead {
     /// `None` without the header.
     fn of(headers: &HeaderMap) -> Result<Option<Self>, HttpError> {
-        let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+        let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
         let Some(value) = values.next() else {
             return Ok(None);
         };
@@ -158,7 +159,7 @@ fn settle<T>(outcome: Outcome<T>, key: RequestKey) -> Result<(T, bool), HttpErro
 fn marked(mut response: Response<Full<Bytes>>, replayed: bool) -> Response<Full<Bytes>> {
     if replayed {
         response.headers_mut().insert(
-            HeaderName::from_static(IDEMPOTENT_REPLAYED),
+            IDEMPOTENT_REPLAYED.clone(),
             HeaderValue::from_static("true"),
         );
     }
