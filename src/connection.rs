@@ -790,7 +790,7 @@ mod tests {
         registry.task_started();
         let conn = Connection {
             stream: client,
-            broker: Broker::local(registry.clone()),
+            broker: Broker::local(registry.clone(), &Config::default()),
             id: registration.id,
             outbox: registration.outbox,
             format: Format::Json,

@@ -10,6 +10,7 @@
 //! - [`connection`]: one WebSocket connection's read loop and vectored write path.
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
 //! - [`broker`]: where messages go: the in-memory broker, or Redis in cluster mode.
+//! - [`idempotency`]: `Idempotency-Key` rules, request fingerprints and the in-memory key store.
 //! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
 //! - [`auth`]: JWT verification for clients and the channel patterns a token grants.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod name;
 pub mod protocol;

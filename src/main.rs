@@ -141,6 +141,17 @@ struct ServeArgs {
     /// node's oldest messages go first past it.
     #[arg(long, env = "HERALD_HISTORY_MEMORY", default_value = "64MiB")]
     history_memory: bytesize::ByteSize,
+    /// How long a publish, send or broadcast with an Idempotency-Key is remembered: a retry
+    /// with the key within it gets the first reply and is not delivered again. 5 minutes
+    /// outlasts any useful retry of a real-time message, and is how long a channel keeps its
+    /// offsets without publishes: a replayed offset never dates from before a restart at 1.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    idempotency_window: Duration,
+    /// Idempotency keys remembered per route (publish, send, broadcast) by the in-memory
+    /// broker; past it the oldest is forgotten first, and a retry with it is carried out
+    /// again. In cluster mode keys live in Redis (each for the window) and this does not apply.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_KEYS", default_value_t = 100_000)]
+    idempotency_keys: usize,
     /// On SIGINT/SIGTERM, how long connections get to close before the server exits.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -195,7 +206,9 @@ impl ServeArgs {
             .redis_timeout(self.redis_timeout)
             .history_size(self.history_size)
             .history_ttl(self.history_ttl)
-            .history_memory(self.history_memory.as_u64()))
+            .history_memory(self.history_memory.as_u64())
+            .idempotency_window(self.idempotency_window)
+            .idempotency_keys(self.idempotency_keys))
     }
 }
 
@@ -415,6 +428,21 @@ mod tests {
         assert!(err.contains("e.g. 127.0.0.1:8080"), "{err}");
         let err = listen_address("localhost").expect_err("no port");
         assert!(err.contains("no port"), "{err}");
+    }
+
+    #[test]
+    fn idempotency_flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "herald",
+            "--idempotency-window",
+            "90s",
+            "--idempotency-keys",
+            "500",
+        ])
+        .expect("parses");
+        let config = cli.serve.config().expect("a config");
+        assert_eq!(config.idempotency_window, Duration::from_secs(90));
+        assert_eq!(config.idempotency_keys, 500);
     }
 
     /// The flags repeat the library's defaults (clap shows them in `--help`); they must not

@@ -97,6 +97,9 @@ pub struct Metrics {
     /// Cluster mode: publishes, sends and broadcasts refused because Redis failed or did not
     /// answer in time (not counting those refused at once while the node was not ready).
     pub broker_publish_failures: IntCounter,
+    /// In-memory broker: idempotency keys forgotten before the end of their window, because
+    /// their route already remembered `--idempotency-keys` newer ones.
+    pub idempotency_keys_forgotten: IntCounter,
 }
 
 impl Default for Metrics {
@@ -195,6 +198,10 @@ impl Metrics {
             broker_publish_failures: counter(
                 "herald_broker_publish_failures_total",
                 "Publishes, sends and broadcasts that failed because Redis failed or timed out",
+            ),
+            idempotency_keys_forgotten: counter(
+                "herald_idempotency_keys_forgotten_total",
+                "Idempotency keys forgotten early to stay within --idempotency-keys",
             ),
             registry,
         }

@@ -5,21 +5,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::cluster::{eventually, node, readyz, recv_message, wait_numsub, wait_ready};
 use common::redis_server::{RedisServer, available, free_port};
-use common::{TestServer, Ws, expect_silence, recv_json, send_json};
+use common::{TestServer, expect_silence, recv_json, send_json};
 use futures_util::SinkExt as _;
 use herald::Config;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-
-/// How long a condition may take to come true: a reconnect waits up to the 5 s backoff cap.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn node(url: &str) -> TestServer {
-    TestServer::start(Config::default().redis(Some(url.to_owned()))).await
-}
 
 /// Three ready nodes sharing `redis`.
 async fn three_nodes(redis: &RedisServer) -> (TestServer, TestServer, TestServer) {
@@ -30,44 +24,6 @@ async fn three_nodes(redis: &RedisServer) -> (TestServer, TestServer, TestServer
     );
     wait_ready(&[&nodes.0, &nodes.1, &nodes.2]).await;
     nodes
-}
-
-/// Polls `condition` until it holds, panicking with `what` after [`DEADLINE`].
-async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn readyz(server: &TestServer) -> u16 {
-    server.http().await.get("/readyz").await.status
-}
-
-async fn wait_ready(servers: &[&TestServer]) {
-    for server in servers {
-        eventually("the node is ready", async || readyz(server).await == 200).await;
-    }
-}
-
-/// Waits until `nodes` nodes subscribe to the Redis channel `name`.
-async fn wait_numsub(redis: &RedisServer, name: &str, nodes: u64) {
-    eventually(
-        &format!("{nodes} node(s) subscribe to {name}"),
-        async || redis.numsub(name) == Some(nodes),
-    )
-    .await;
-}
-
-/// The next frame that is not a gap announcement.
-async fn recv_message(ws: &mut Ws) -> Value {
-    loop {
-        let frame = recv_json(ws).await;
-        if frame["type"] != "gap" {
-            return frame;
-        }
-    }
 }
 
 #[tokio::test]

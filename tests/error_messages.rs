@@ -20,6 +20,7 @@ use herald::Config;
 use herald::auth::{AuthError, PatternError};
 use herald::broker::BrokerError;
 use herald::http::HttpError;
+use herald::idempotency::KeyError;
 use herald::name::NameError;
 use herald::protocol::{JsonError, Payload, PayloadError, RequestError, parse_request};
 use herald::registry::{Epoch, RecoveryFailure, SubscribeError};
@@ -712,6 +713,25 @@ async fn every_http_error_speaks_to_the_client() {
     .await;
     walk.expect(
         &server,
+        post("/api/publish/news", "idempotency-key: a b\r\n", "1"),
+        400,
+        "invalid_idempotency_key",
+    )
+    .await;
+    let keyed = post("/api/publish/news", "idempotency-key: once\r\n", "1");
+    assert_eq!(
+        http_exchange(server.addr, keyed.into_bytes()).await.status,
+        200
+    );
+    walk.expect(
+        &server,
+        post("/api/publish/news", "idempotency-key: once\r\n", "2"),
+        409,
+        "idempotency_key_reused",
+    )
+    .await;
+    walk.expect(
+        &server,
         post(&format!("/api/send/{}", "x".repeat(129)), "", "1"),
         400,
         "invalid_client_id",
@@ -917,8 +937,10 @@ fn http_errors() -> Vec<HttpError> {
             epoch: Epoch::parse("abcd1234").expect("an epoch"),
             offset: 7,
         },
+        HttpError::InvalidIdempotencyKey(KeyError::InvalidByte),
+        HttpError::IdempotencyKeyReused("order-42".to_owned()),
     ];
-    assert_covers(&examples, 22, |err| match err {
+    assert_covers(&examples, 24, |err| match err {
         HttpError::NotFound => 0,
         HttpError::MethodNotAllowed { .. } => 1,
         HttpError::Handshake(_) => 2,
@@ -941,6 +963,8 @@ fn http_errors() -> Vec<HttpError> {
         HttpError::ShuttingDown => 19,
         HttpError::BrokerUnavailable(_) => 20,
         HttpError::NotRecovered { .. } => 21,
+        HttpError::InvalidIdempotencyKey(_) => 22,
+        HttpError::IdempotencyKeyReused(_) => 23,
     });
     examples
 }

@@ -11,6 +11,12 @@
 //! A node that misses messages (its subscriber connection was down, or a message of another
 //! epoch or past a gap arrives) reads them from the channel's history and delivers them in
 //! order before going on; only what the history no longer holds is announced as a gap.
+//! - `herald:{<channel>}:idem:<key>`, `herald:client:{<client_id>}:idem:<key>`,
+//!   `herald:broadcast:idem:<key>`: idempotency records (hashes of the request's fingerprint
+//!   and the first reply's numbers), expiring after the idempotency window.
+//!
+//! Every script touches keys of one hash slot only, ready for Redis Cluster: a channel's
+//! stream, history and idempotency records share the `{<channel>}` hash tag.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,13 +27,15 @@ use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use rand::Rng as _;
 use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, Client, Msg, RedisError};
+use redis::{AsyncConnectionConfig, Client, Msg, RedisError, Script};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::BrokerError;
 use super::streams::{self, Stamped, StreamRead, Streams, channel_name, channel_of};
 use super::wire;
+use crate::config::Config;
+use crate::idempotency::{Outcome, RequestKey};
 use crate::registry::{Interest, Position, Registry, Relayed, Topic};
 
 /// Prefix of the Redis pub/sub channel of each client id (direct sends).
@@ -53,6 +61,40 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Subscribe commands in flight at once while (re)subscribing everything.
 const SUBSCRIBE_PIPELINE: usize = 256;
+
+/// A direct send or broadcast with an idempotency key: the publish script's idempotency logic
+/// without a stream. A publish that reached fewer nodes than ARGV[5] is not stored (a direct send that
+/// reached nobody is a `404`, which a retry may turn into a delivery).
+/// KEYS[1] idempotency record; ARGV[1] pub/sub channel, ARGV[2] message body, ARGV[3] request
+/// fingerprint, ARGV[4] idempotency window in ms, ARGV[5] fewest nodes to store.
+/// Returns {status (see [`outcome`]), nodes}.
+const PLAIN_SCRIPT: &str = r"
+local seen = redis.call('HMGET', KEYS[1], 'request', 'nodes')
+if seen[1] then
+  if seen[1] ~= ARGV[3] then return {2, 0} end
+  return {1, tonumber(seen[2])}
+end
+local nodes = redis.call('PUBLISH', ARGV[1], ARGV[2])
+if nodes >= tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'request', ARGV[3], 'nodes', nodes)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return {0, nodes}
+";
+
+/// The scripts' status: a record with the same fingerprint answered; nothing was published.
+const REPLAYED: u8 = 1;
+/// The scripts' status: a record with another fingerprint refused; nothing was published.
+const REUSED: u8 = 2;
+
+/// What a script's status and numbers say; status 0 is a message published now.
+fn outcome<T>(status: u8, result: T) -> Outcome<T> {
+    match status {
+        REPLAYED => Outcome::Replayed(result),
+        REUSED => Outcome::Reused,
+        _ => Outcome::First(result),
+    }
+}
 
 /// Whether the subscriber connection is up and subscribed, and why not.
 #[derive(Debug)]
@@ -137,6 +179,43 @@ pub fn client_name(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
 }
 
+/// Where a publish without an offset goes: a client id's direct sends or the broadcasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plain<'a> {
+    /// Every connection of this client id.
+    Client(&'a str),
+    /// Every connection.
+    Broadcast,
+}
+
+impl Plain<'_> {
+    /// The Redis pub/sub channel.
+    fn redis_channel(self) -> String {
+        match self {
+            Plain::Client(client_id) => client_name(client_id),
+            Plain::Broadcast => BROADCAST_CHANNEL.to_owned(),
+        }
+    }
+
+    /// The Redis key of a record for `key`. The names cannot be a channel's: those have a `{`
+    /// right after `herald:`.
+    fn record(self, key: &str) -> String {
+        match self {
+            Plain::Client(client_id) => format!("herald:client:{{{client_id}}}:idem:{key}"),
+            Plain::Broadcast => format!("herald:broadcast:idem:{key}"),
+        }
+    }
+
+    /// The fewest nodes a publish must reach for its reply to be kept: one for a direct
+    /// send, whose reply says `404 client_not_found` otherwise.
+    fn stored_from(self) -> u64 {
+        match self {
+            Plain::Client(_) => 1,
+            Plain::Broadcast => 0,
+        }
+    }
+}
+
 /// The Redis channel name of a topic.
 fn redis_name(topic: &Topic) -> String {
     match topic {
@@ -154,7 +233,10 @@ pub struct Backplane {
     client: Client,
     publisher: PublisherSlot,
     streams: Arc<Streams>,
+    plain_script: Script,
     timeout: Duration,
+    /// How long idempotency records are kept, in ms.
+    window_ms: u64,
     health: Arc<Health>,
     heard: Arc<Heard>,
     holds: Holds,
@@ -171,14 +253,20 @@ impl Drop for Backplane {
 
 impl Backplane {
     /// Starts the subscriber task for `registry` (built with `interest`), which connects to
-    /// `client`'s Redis and keeps reconnecting. `timeout` bounds every Redis call.
+    /// `client`'s Redis and keeps reconnecting. [`Config::redis_timeout`] bounds every Redis
+    /// call; idempotency records are kept for [`Config::idempotency_window`].
     pub fn start(
         client: Client,
         registry: Registry,
         interest: Arc<Interest>,
-        timeout: Duration,
-        limits: streams::StreamLimits,
+        config: &Config,
     ) -> Self {
+        let timeout = config.redis_timeout;
+        let limits = streams::StreamLimits::new(
+            config.history_size,
+            config.history_ttl,
+            crate::registry::RETENTION_MS,
+        );
         let streams = Arc::new(Streams::new(limits));
         let health = Arc::new(Health {
             ready: AtomicBool::new(false),
@@ -205,7 +293,9 @@ impl Backplane {
             client,
             publisher,
             streams,
+            plain_script: Script::new(PLAIN_SCRIPT),
             timeout,
+            window_ms: u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX),
             health,
             heard,
             holds,
@@ -317,6 +407,36 @@ impl Backplane {
         self.settle(result).await
     }
 
+    /// [`Backplane::publish`] at most once per `key` within the idempotency window, on every
+    /// node: the record is checked and stored in the publish script. A retry (on any node, also
+    /// after this node timed out waiting for the first attempt's answer) gets the first
+    /// publish's offset and node count.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish_keyed(
+        &self,
+        channel: &str,
+        body: Vec<u8>,
+        key: &RequestKey,
+    ) -> Result<Outcome<Stamped>, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let record = (
+            streams::publish_record(channel, &key.key),
+            key.fingerprint.to_hex(),
+            self.window_ms,
+        );
+        let result = tokio::time::timeout(
+            self.timeout,
+            self.streams
+                .publish_keyed(&mut conn, channel, body, Some(&record)),
+        )
+        .await
+        .map(|result| result.map_err(stream_error));
+        self.settle(result).await
+    }
+
     /// Publishes `body` on a pub/sub channel as it is; returns how many nodes received it.
     ///
     /// # Errors
@@ -332,6 +452,31 @@ impl Backplane {
         command.arg(redis_channel).arg(body);
         let result = tokio::time::timeout(self.timeout, command.query_async(&mut conn)).await;
         self.settle(result).await
+    }
+
+    /// Publishes `body` to `target` at most once per `key` within the idempotency window, on
+    /// every node, as [`Backplane::publish_keyed`] does; returns how many nodes received it.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis is down or did not answer in time.
+    pub async fn publish_plain_keyed(
+        &self,
+        target: Plain<'_>,
+        body: Vec<u8>,
+        key: &RequestKey,
+    ) -> Result<Outcome<u64>, BrokerError> {
+        self.readiness()?;
+        let mut conn = self.connection().await?;
+        let mut invocation = self.plain_script.key(target.record(&key.key));
+        invocation
+            .arg(target.redis_channel())
+            .arg(body)
+            .arg(key.fingerprint.to_hex())
+            .arg(self.window_ms)
+            .arg(target.stored_from());
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await;
+        let (status, nodes): (u8, u64) = self.settle(result).await?;
+        Ok(outcome(status, nodes))
     }
 
     /// Turns a Redis call's outcome into ours; a failure drops the publisher connection, so

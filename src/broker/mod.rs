@@ -5,6 +5,10 @@
 //! cluster: every message goes through Redis pub/sub ([`backplane`]), Redis gives channel
 //! messages their offsets, and each node delivers only what comes back from Redis, so every node
 //! sees each channel in the same order with the same offsets.
+//!
+//! A request with an idempotency key is carried out at most once within the window: the
+//! in-memory broker remembers keys in a [`Store`] per route, the backplane in Redis, in the
+//! same script as the publish.
 
 pub mod backplane;
 pub mod streams;
@@ -13,6 +17,7 @@ pub mod wire;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
+use crate::idempotency::{Outcome, Pending, RequestKey, Store};
 use crate::protocol::Payload;
 use bytes::Bytes;
 
@@ -92,15 +97,39 @@ pub struct Published {
 #[derive(Debug, Clone)]
 pub struct Broker {
     registry: Registry,
-    backplane: Option<Arc<Backplane>>,
+    mode: Mode,
+}
+
+/// Where messages go besides this node's registry.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// The embedded in-memory broker, with its idempotency keys.
+    Local(Arc<Remembered>),
+    /// Cluster mode: through Redis.
+    Cluster(Arc<Backplane>),
+}
+
+/// The in-memory broker's idempotency keys, one store per route.
+#[derive(Debug)]
+struct Remembered {
+    publishes: Store<Published>,
+    sends: Store<Reach>,
+    broadcasts: Store<Reach>,
 }
 
 impl Broker {
-    /// The embedded in-memory broker over `registry`.
-    pub fn local(registry: Registry) -> Self {
+    /// The embedded in-memory broker over `registry`, remembering idempotency keys as
+    /// [`Config::idempotency_window`] and [`Config::idempotency_keys`] say.
+    pub fn local(registry: Registry, config: &Config) -> Self {
+        let (window, keys) = (config.idempotency_window, config.idempotency_keys);
+        let remembered = Remembered {
+            publishes: Store::new(window, keys),
+            sends: Store::new(window, keys),
+            broadcasts: Store::new(window, keys),
+        };
         Self {
             registry,
-            backplane: None,
+            mode: Mode::Local(Arc::new(remembered)),
         }
     }
 
@@ -114,27 +143,16 @@ impl Broker {
     /// When called outside a tokio runtime.
     pub fn start(config: &Config) -> Result<Self, ConfigError> {
         let Some(url) = &config.redis else {
-            return Ok(Self::local(Registry::new(config)));
+            return Ok(Self::local(Registry::new(config), config));
         };
         let client = redis::Client::open(url.as_str())
             .map_err(|err| ConfigError::RedisUrl(err.to_string()))?;
         let interest = Arc::new(Interest::default());
         let registry = Registry::with_interest(config, Arc::clone(&interest));
-        let limits = streams::StreamLimits::new(
-            config.history_size,
-            config.history_ttl,
-            crate::registry::RETENTION_MS,
-        );
-        let backplane = Backplane::start(
-            client,
-            registry.clone(),
-            interest,
-            config.redis_timeout,
-            limits,
-        );
+        let backplane = Backplane::start(client, registry.clone(), interest, config);
         Ok(Self {
             registry,
-            backplane: Some(Arc::new(backplane)),
+            mode: Mode::Cluster(Arc::new(backplane)),
         })
     }
 
@@ -149,16 +167,17 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::Unavailable`] with the reason.
     pub fn readiness(&self) -> Result<(), BrokerError> {
-        self.backplane
-            .as_ref()
-            .map_or(Ok(()), |backplane| backplane.readiness())
+        match &self.mode {
+            Mode::Local(_) => Ok(()),
+            Mode::Cluster(backplane) => backplane.readiness(),
+        }
     }
 
     /// Waits until this node hears what other nodes publish to `channel` (cluster mode: until
     /// its Redis subscription is confirmed, at most the Redis timeout), so that a client told
     /// it is subscribed misses nothing published after that. Returns at once in local mode.
     pub async fn until_heard(&self, channel: &str) {
-        if let Some(backplane) = &self.backplane {
+        if let Mode::Cluster(backplane) = &self.mode {
             backplane
                 .until_heard(&[streams::channel_name(channel)])
                 .await;
@@ -170,7 +189,9 @@ impl Broker {
     /// returned [`Hold`] lives (drop it once the connection is registered). Waits at most the
     /// Redis timeout. `None` at once in local mode.
     pub async fn hold_for(&self, channels: &[String], client_id: &str) -> Option<Hold> {
-        let backplane = self.backplane.as_ref()?;
+        let Mode::Cluster(backplane) = &self.mode else {
+            return None;
+        };
         let topics = channels
             .iter()
             .map(|channel| Topic::Channel(Arc::from(channel.as_str())))
@@ -189,15 +210,15 @@ impl Broker {
         from: Option<&str>,
         payload: Payload<'_>,
     ) -> Result<Published, BrokerError> {
-        match &self.backplane {
-            None => {
+        match &self.mode {
+            Mode::Local(_) => {
                 let receipt = self.registry.publish(channel, from, payload).await?;
                 Ok(Published {
                     offset: receipt.offset,
                     reach: Reach::Local(receipt.subscribers),
                 })
             }
-            Some(backplane) => {
+            Mode::Cluster(backplane) => {
                 let body = wire::encode_body(from, payload);
                 let stamped = backplane.publish(channel, body).await?;
                 self.registry.metrics().publishes.inc();
@@ -228,7 +249,7 @@ impl Broker {
                 epoch: standing.epoch,
                 offset: standing.offset,
             };
-        let Some(backplane) = &self.backplane else {
+        let Mode::Cluster(backplane) = &self.mode else {
             return self
                 .registry
                 .history(channel, since, limit)
@@ -254,9 +275,9 @@ impl Broker {
     /// Where `channel` stands and what a recovery from `since` would come to, when this node
     /// can tell without a round trip (memory mode); `None` in cluster mode.
     pub fn standing_now(&self, channel: &str, since: Option<Position>) -> Option<Standing> {
-        match self.backplane {
-            None => Some(self.registry.standing(channel, since)),
-            Some(_) => None,
+        match self.mode {
+            Mode::Local(_) => Some(self.registry.standing(channel, since)),
+            Mode::Cluster(_) => None,
         }
     }
 
@@ -273,7 +294,7 @@ impl Broker {
         room: usize,
         reply: impl FnOnce(&Standing) -> Option<Bytes>,
     ) -> CatchUp {
-        let Some(backplane) = &self.backplane else {
+        let Mode::Cluster(backplane) = &self.mode else {
             return self
                 .registry
                 .catch_up(id, channel, cursor, room, Source::Local, reply);
@@ -327,11 +348,11 @@ impl Broker {
         from: Option<&str>,
         payload: Payload<'_>,
     ) -> Result<Reach, BrokerError> {
-        match &self.backplane {
-            None => Ok(Reach::Local(
+        match &self.mode {
+            Mode::Local(_) => Ok(Reach::Local(
                 self.registry.send_to(client_id, from, payload),
             )),
-            Some(backplane) => {
+            Mode::Cluster(backplane) => {
                 let body = wire::encode_body(from, payload);
                 let nodes = backplane
                     .publish_plain(&backplane::client_name(client_id), body)
@@ -346,13 +367,117 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::Unavailable`] when Redis is down; [`BrokerError::ShuttingDown`].
     pub async fn broadcast(&self, payload: Payload<'_>) -> Result<Reach, BrokerError> {
-        match &self.backplane {
-            None => Ok(Reach::Local(self.registry.broadcast(payload).await?)),
-            Some(backplane) => {
+        match &self.mode {
+            Mode::Local(_) => Ok(Reach::Local(self.registry.broadcast(payload).await?)),
+            Mode::Cluster(backplane) => {
                 let body = wire::encode_body(None, payload);
                 let nodes = backplane.publish_plain(BROADCAST_CHANNEL, body).await?;
                 Ok(Reach::Nodes(nodes))
             }
+        }
+    }
+
+    /// [`Broker::publish`] (from the HTTP API) at most once per `key` within the idempotency
+    /// window: a retry gets the first publish's offset and reach, and delivers nothing.
+    ///
+    /// # Errors
+    /// As [`Broker::publish`]; a failed publish leaves the key free for a retry.
+    pub async fn publish_keyed(
+        &self,
+        channel: &str,
+        payload: Payload<'_>,
+        key: &RequestKey,
+    ) -> Result<Outcome<Published>, BrokerError> {
+        match &self.mode {
+            Mode::Local(remembered) => {
+                let pending = match remembered.publishes.begin(channel, key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let published = self.publish(channel, None, payload).await?;
+                self.remember(pending, published);
+                Ok(Outcome::First(published))
+            }
+            Mode::Cluster(backplane) => {
+                let body = wire::encode_body(None, payload);
+                let outcome = backplane.publish_keyed(channel, body, key).await?;
+                if let Outcome::First(_) = outcome {
+                    self.registry.metrics().publishes.inc();
+                }
+                Ok(outcome.map(|stamped| Published {
+                    offset: stamped.offset,
+                    reach: Reach::Nodes(stamped.nodes),
+                }))
+            }
+        }
+    }
+
+    /// [`Broker::send_to`] (from the HTTP API) at most once per `key` within the idempotency
+    /// window. A send that reached no connection is not remembered: it delivered nothing, and
+    /// a retry once the client is connected should.
+    ///
+    /// # Errors
+    /// As [`Broker::send_to`]; a failed send leaves the key free for a retry.
+    pub async fn send_to_keyed(
+        &self,
+        client_id: &str,
+        payload: Payload<'_>,
+        key: &RequestKey,
+    ) -> Result<Outcome<Reach>, BrokerError> {
+        match &self.mode {
+            Mode::Local(remembered) => {
+                let pending = match remembered.sends.begin(client_id, key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let reach = self.send_to(client_id, None, payload).await?;
+                if reach.count() > 0 {
+                    self.remember(pending, reach);
+                }
+                Ok(Outcome::First(reach))
+            }
+            Mode::Cluster(backplane) => {
+                let body = wire::encode_body(None, payload);
+                let target = backplane::Plain::Client(client_id);
+                let outcome = backplane.publish_plain_keyed(target, body, key).await?;
+                Ok(outcome.map(Reach::Nodes))
+            }
+        }
+    }
+
+    /// [`Broker::broadcast`] at most once per `key` within the idempotency window.
+    ///
+    /// # Errors
+    /// As [`Broker::broadcast`]; a failed broadcast leaves the key free for a retry.
+    pub async fn broadcast_keyed(
+        &self,
+        payload: Payload<'_>,
+        key: &RequestKey,
+    ) -> Result<Outcome<Reach>, BrokerError> {
+        match &self.mode {
+            Mode::Local(remembered) => {
+                let pending = match remembered.broadcasts.begin("", key).await.first() {
+                    Ok(pending) => pending,
+                    Err(known) => return Ok(known),
+                };
+                let reach = self.broadcast(payload).await?;
+                self.remember(pending, reach);
+                Ok(Outcome::First(reach))
+            }
+            Mode::Cluster(backplane) => {
+                let body = wire::encode_body(None, payload);
+                let target = backplane::Plain::Broadcast;
+                let outcome = backplane.publish_plain_keyed(target, body, key).await?;
+                Ok(outcome.map(Reach::Nodes))
+            }
+        }
+    }
+
+    /// Remembers a first request's result for its retries, counting a key forgotten early to
+    /// make room.
+    fn remember<T>(&self, pending: Pending<'_, T>, result: T) {
+        if pending.finish(result) {
+            self.registry.metrics().idempotency_keys_forgotten.inc();
         }
     }
 }

@@ -18,6 +18,7 @@ use redis::Script;
 use redis::aio::MultiplexedConnection;
 
 use super::wire;
+use crate::idempotency::Outcome;
 use crate::protocol;
 use crate::registry::{Epoch, Fetched};
 
@@ -59,14 +60,30 @@ impl StreamRead {
     }
 }
 
+/// The publish script's status: a record with the same fingerprint answered.
+const REPLAYED: u8 = 1;
+/// The publish script's status: a record with another fingerprint refused.
+const REUSED: u8 = 2;
+
 /// Where a channel's key names start.
 const KEY_PREFIX: &str = "herald:{";
 
-/// Publishes a channel message. KEYS[1] the stream, KEYS[2] the history; ARGV[1] the pub/sub
-/// channel, ARGV[2] the message body, ARGV[3] the stream's time to live (ms), ARGV[4] the
-/// history size, ARGV[5] the history's time to live (ms), ARGV[6] the epoch for a new stream.
-/// Returns `{epoch, offset, nodes}`.
+/// Publishes a channel message. KEYS[1] the stream, KEYS[2] the history, KEYS[3] (with an
+/// idempotency key) the key's record; ARGV[1] the pub/sub channel, ARGV[2] the message body,
+/// ARGV[3] the stream's time to live (ms), ARGV[4] the history size, ARGV[5] the history's
+/// time to live (ms), ARGV[6] the epoch for a new stream, ARGV[7] the request's fingerprint,
+/// ARGV[8] the idempotency window (ms). A record with the same fingerprint is the reply again
+/// (nothing is published), one with another is refused; a publish stores its reply in the
+/// record in the same atomic step, so two nodes racing with one key publish once. Returns
+/// `{status, epoch, offset, nodes}`, status 0 for published now, 1 replayed, 2 refused.
 const PUBLISH_SCRIPT: &str = r"
+if KEYS[3] then
+  local seen = redis.call('HMGET', KEYS[3], 'request', 'epoch', 'offset', 'nodes')
+  if seen[1] then
+    if seen[1] ~= ARGV[7] then return {2, '', 0, 0} end
+    return {1, seen[2], tonumber(seen[3]), tonumber(seen[4])}
+  end
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[6]
@@ -85,7 +102,11 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 local nodes = redis.call('PUBLISH', ARGV[1], message)
-return {epoch, offset, nodes}
+if KEYS[3] then
+  redis.call('HSET', KEYS[3], 'request', ARGV[7], 'epoch', epoch, 'offset', offset, 'nodes', nodes)
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+end
+return {0, epoch, offset, nodes}
 ";
 
 /// Reads a stream: where it stands and up to `limit` stored messages after an offset (or the
@@ -120,6 +141,12 @@ local time = redis.call('TIME')
 local now = string.format('%d', time[1] * 1000 + math.floor(time[2] / 1000))
 return {epoch, offset, length, now, messages}
 ";
+
+/// The key of the idempotency record of a channel publish, in the channel's hash slot (the
+/// publish script touches it with the stream).
+pub fn publish_record(channel: &str, key: &str) -> String {
+    format!("{KEY_PREFIX}{channel}}}:idem:{key}")
+}
 
 /// The key of a channel's stream hash.
 pub fn stream_key(channel: &str) -> String {
@@ -221,20 +248,53 @@ impl Streams {
         channel: &str,
         body: Vec<u8>,
     ) -> Result<Stamped, StreamError> {
+        match self.publish_keyed(conn, channel, body, None).await? {
+            Outcome::First(stamped) | Outcome::Replayed(stamped) => Ok(stamped),
+            Outcome::Reused => Err(StreamError::Epoch),
+        }
+    }
+
+    /// [`Streams::publish`] at most once per idempotency `record` (its key's name, the
+    /// request's fingerprint, the window in ms): see the script.
+    ///
+    /// # Errors
+    /// [`StreamError`] when Redis fails or answers with something that is not a stream.
+    pub async fn publish_keyed(
+        &self,
+        conn: &mut MultiplexedConnection,
+        channel: &str,
+        body: Vec<u8>,
+        record: Option<&(String, String, u64)>,
+    ) -> Result<Outcome<Stamped>, StreamError> {
         let mut invocation = self.publish.key(stream_key(channel));
+        invocation.key(history_key(channel));
+        if let Some((name, _, _)) = record {
+            invocation.key(name);
+        }
         invocation
-            .key(history_key(channel))
             .arg(channel_name(channel))
             .arg(body)
             .arg(self.limits.stream_ttl_ms)
             .arg(self.limits.history_size)
             .arg(self.limits.history_ttl_ms)
             .arg(Epoch::random().as_str());
-        let (epoch, offset, nodes): (String, u64, u64) = invocation.invoke_async(conn).await?;
-        Ok(Stamped {
+        if let Some((_, fingerprint, window_ms)) = record {
+            invocation.arg(fingerprint).arg(*window_ms);
+        }
+        let (status, epoch, offset, nodes): (u8, String, u64, u64) =
+            invocation.invoke_async(conn).await?;
+        if status == REUSED {
+            return Ok(Outcome::Reused);
+        }
+        let stamped = Stamped {
             epoch: Epoch::parse(&epoch).ok_or(StreamError::Epoch)?,
             offset,
             nodes,
+        };
+        Ok(if status == REPLAYED {
+            Outcome::Replayed(stamped)
+        } else {
+            Outcome::First(stamped)
         })
     }
 

@@ -1,4 +1,9 @@
 //! The publish API used by backends: publish, direct send, broadcast, and channel listing.
+//!
+//! Publish, send and broadcast take an `Idempotency-Key` header: a retry with the same key
+//! within `--idempotency-window` gets the first reply again, marked `Idempotent-Replayed:
+//! true`, and delivers nothing (see [`crate::idempotency`]). Without the header a request costs
+//! one header lookup more, nothing else.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -6,15 +11,22 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
 use super::{AppState, HttpError, json_response};
 use crate::config::Config;
+use crate::idempotency::{self, Fingerprint, KeyError, Outcome, RequestKey};
 use crate::name;
 use crate::protocol::{Payload, StoredMessage};
 use crate::registry::{Epoch, Position};
+
+/// The request header that makes a publish, send or broadcast idempotent (a `HeaderName`, so
+/// that looking for it on every request parses no name).
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The reply header that marks a reply given again to a retry.
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// `POST /api/publish/{channel}`.
 pub async fn publish(
@@ -24,12 +36,22 @@ pub async fn publish(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let channel = decode_segment(channel);
     name::validate(&channel).map_err(HttpError::InvalidChannel)?;
+    let keyed = KeyedHead::of(req.headers())?;
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)?;
-    let published = state.broker.publish(&channel, None, payload).await?;
+    let (published, replayed) = match keyed {
+        None => (state.broker.publish(&channel, None, payload).await?, false),
+        Some(head) => {
+            let key = head.with_body(&body);
+            settle(
+                state.broker.publish_keyed(&channel, payload, &key).await?,
+                key,
+            )?
+        }
+    };
     let mut reply = json!({"channel": channel, "offset": published.offset});
     reply[published.reach.field("subscribers")] = published.reach.count().into();
-    Ok(json_response(StatusCode::OK, &reply))
+    Ok(marked(json_response(StatusCode::OK, &reply), replayed))
 }
 
 /// `POST /api/send/{client_id}`.
@@ -40,15 +62,31 @@ pub async fn send(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let client_id = decode_segment(client_id);
     name::validate(&client_id).map_err(HttpError::InvalidClientId)?;
+    let keyed = KeyedHead::of(req.headers())?;
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)?;
-    let reach = state.broker.send_to(&client_id, None, payload).await?;
+    let (reach, replayed) = match keyed {
+        None => (
+            state.broker.send_to(&client_id, None, payload).await?,
+            false,
+        ),
+        Some(head) => {
+            let key = head.with_body(&body);
+            settle(
+                state
+                    .broker
+                    .send_to_keyed(&client_id, payload, &key)
+                    .await?,
+                key,
+            )?
+        }
+    };
     if reach.count() == 0 {
         return Err(HttpError::ClientNotFound(client_id.into_owned()));
     }
     let mut reply = json!({"client_id": client_id});
     reply[reach.field("connections")] = reach.count().into();
-    Ok(json_response(StatusCode::OK, &reply))
+    Ok(marked(json_response(StatusCode::OK, &reply), replayed))
 }
 
 /// `POST /api/broadcast`.
@@ -56,12 +94,77 @@ pub async fn broadcast(
     req: Request<Incoming>,
     state: &Arc<AppState>,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
+    let keyed = KeyedHead::of(req.headers())?;
     let (body, declared_json) = read_body(req, &state.config).await?;
     let payload = Payload::from_body(&body, declared_json)?;
-    let reach = state.broker.broadcast(payload).await?;
+    let (reach, replayed) = match keyed {
+        None => (state.broker.broadcast(payload).await?, false),
+        Some(head) => {
+            let key = head.with_body(&body);
+            settle(state.broker.broadcast_keyed(payload, &key).await?, key)?
+        }
+    };
     let mut reply = json!({});
     reply[reach.field("connections")] = reach.count().into();
-    Ok(json_response(StatusCode::OK, &reply))
+    Ok(marked(json_response(StatusCode::OK, &reply), replayed))
+}
+
+/// A request's `Idempotency-Key`, checked, with the content type that goes into the request's
+/// fingerprint: taken from the head, before the body is read.
+struct KeyedHead {
+    key: String,
+    content_type: Option<HeaderValue>,
+}
+
+impl KeyedHead {
+    /// `None` without the header.
+    fn of(headers: &HeaderMap) -> Result<Option<Self>, HttpError> {
+        let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(HttpError::InvalidIdempotencyKey(KeyError::Repeated));
+        }
+        let key =
+            idempotency::parse_key(value.as_bytes()).map_err(HttpError::InvalidIdempotencyKey)?;
+        Ok(Some(Self {
+            key: key.to_owned(),
+            content_type: headers.get(CONTENT_TYPE).cloned(),
+        }))
+    }
+
+    fn with_body(self, body: &[u8]) -> RequestKey {
+        let content_type = self
+            .content_type
+            .as_ref()
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        RequestKey {
+            fingerprint: Fingerprint::of(content_type, body),
+            key: self.key,
+        }
+    }
+}
+
+/// A keyed request's result, and whether it is a first request's result given again; a key
+/// used for a different request is refused with `409`.
+fn settle<T>(outcome: Outcome<T>, key: RequestKey) -> Result<(T, bool), HttpError> {
+    match outcome {
+        Outcome::First(result) => Ok((result, false)),
+        Outcome::Replayed(result) => Ok((result, true)),
+        Outcome::Reused => Err(HttpError::IdempotencyKeyReused(key.key)),
+    }
+}
+
+/// Marks a reply given again with `Idempotent-Replayed: true`.
+fn marked(mut response: Response<Full<Bytes>>, replayed: bool) -> Response<Full<Bytes>> {
+    if replayed {
+        response.headers_mut().insert(
+            IDEMPOTENT_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
 }
 
 /// The most messages one `/api/history` request returns; page with `since` for more.

@@ -9,6 +9,7 @@ use hyper::{Response, StatusCode};
 
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
+use crate::idempotency::KeyError;
 use crate::name::NameError;
 use crate::protocol::PayloadError;
 use crate::registry::{Epoch, RecoveryFailure};
@@ -111,6 +112,20 @@ pub enum HttpError {
         /// The channel's latest offset.
         offset: u64,
     },
+    /// The `Idempotency-Key` header breaks the key rules.
+    #[error(
+        "{0}; an Idempotency-Key is 1 to 128 visible ASCII characters (! to ~, no spaces), \
+         sent once"
+    )]
+    InvalidIdempotencyKey(KeyError),
+    /// The `Idempotency-Key` was used within the window for a different request (another
+    /// content type or body) to the same route and target.
+    #[error(
+        "Idempotency-Key {0:?} was used for a different request (another content type or \
+         body) to this route and target within --idempotency-window; use a new key for a new \
+         request"
+    )]
+    IdempotencyKeyReused(String),
 }
 
 impl From<PayloadError> for HttpError {
@@ -162,6 +177,7 @@ impl HttpError {
             | HttpError::OriginNotAllowed
             | HttpError::ChannelForbidden(_) => StatusCode::FORBIDDEN,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HttpError::IdempotencyKeyReused(_) => StatusCode::CONFLICT,
             HttpError::ShuttingDown | HttpError::BrokerUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -172,6 +188,7 @@ impl HttpError {
             | HttpError::InvalidClientId(_)
             | HttpError::TooManySubscriptions(_)
             | HttpError::InvalidJson(_)
+            | HttpError::InvalidIdempotencyKey(_)
             | HttpError::BodyRead => StatusCode::BAD_REQUEST,
         }
     }
@@ -204,6 +221,8 @@ impl HttpError {
             HttpError::ShuttingDown => "shutting_down",
             HttpError::BrokerUnavailable(_) => "broker_unavailable",
             HttpError::NotRecovered { failure, .. } => failure.code(),
+            HttpError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            HttpError::IdempotencyKeyReused(_) => "idempotency_key_reused",
         }
     }
 

@@ -2,7 +2,9 @@
 //! (tokio-tungstenite), and a minimal keep-alive HTTP/1.1 client over a real socket.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod cluster;
 pub mod redis_server;
+pub mod stall_proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
