@@ -91,9 +91,13 @@ pub struct Metrics {
     /// Cluster mode: times the Redis subscriber connection was back after being lost (or after
     /// Redis was down at start).
     pub broker_reconnects: IntCounter,
-    /// Cluster mode: gap announcements made, one per channel subscribed again after a
-    /// reconnect (each reaches every json subscriber of that channel on this node).
+    /// Cluster mode: gap announcements made, one per channel whose missed messages the
+    /// history could not replay, or whose stream Redis started anew (each reaches every json
+    /// subscriber of that channel on this node).
     pub broker_gaps: IntCounter,
+    /// Cluster mode: messages this node missed and read back from a channel's history in
+    /// Redis, delivered in order before newer ones.
+    pub broker_healed: IntCounter,
     /// Cluster mode: publishes, sends and broadcasts refused because Redis failed or did not
     /// answer in time (not counting those refused at once while the node was not ready).
     pub broker_publish_failures: IntCounter,
@@ -193,7 +197,11 @@ impl Metrics {
             ),
             broker_gaps: counter(
                 "herald_broker_gaps_announced_total",
-                "Channels whose subscribers were told messages may be missing, after a reconnect",
+                "Channels whose subscribers were told messages were missed (history could not replay them)",
+            ),
+            broker_healed: counter(
+                "herald_broker_healed_total",
+                "Messages this node missed and read back from the channel's history in Redis",
             ),
             broker_publish_failures: counter(
                 "herald_broker_publish_failures_total",

@@ -16,7 +16,7 @@
 //!   built from the request at most `MAX_JSON_DEPTH + 1`, which serde_json
 //!   reads;
 //! - the reply frames built from the result (`error_frame`,
-//!   `subscription_frame`, `published_frame`, `sent_frame`) are each a single
+//!   `subscribed_frame`, `unsubscribed_frame`, `published_frame`, `sent_frame`) are each a single
 //!   valid, final, unmasked server text frame whose payload is the JSON object
 //!   it claims to be, echoing the `id`;
 //! - `publish`/`send` data delivered in a `message`/`direct` envelope comes
@@ -30,16 +30,19 @@ use common::{Json, SERDE_JSON_MAX_DEPTH, check_json, text_frame_json};
 use herald::name;
 use herald::protocol::{
     JsonError, MAX_JSON_DEPTH, Payload, Request, RequestError, direct_frame, error_frame,
-    message_frame, parse_request, published_frame, sent_frame, subscription_frame,
+    message_frame, parse_request, published_frame, sent_frame, subscribed_frame,
+    unsubscribed_frame,
 };
+use herald::registry::{Epoch, Recovery, RecoveryFailure, Standing};
 use libfuzzer_sys::fuzz_target;
 
-const CODES: [&str; 5] = [
+const CODES: [&str; 6] = [
     "invalid_json",
     "missing_field",
     "unknown_type",
     "invalid_channel",
     "invalid_client_id",
+    "invalid_position",
 ];
 
 /// A frame Herald sends nests at most `MAX_JSON_DEPTH + 1` levels, which
@@ -111,8 +114,16 @@ fuzz_target!(|data: &[u8]| {
                 .expect("accepted input must be a JSON object");
             let kind = object.get("type").and_then(Json::as_str);
             let (expected_kind, data) = match request {
-                Request::Subscribe { channel } => {
+                Request::Subscribe { channel, since } => {
                     assert!(name::validate(channel).is_ok(), "invalid channel {channel:?}");
+                    if let Some(position) = since {
+                        let wire = object.get("since").filter(|since| since.is_object());
+                        let wire = wire.expect("a position comes from a since object");
+                        assert_eq!(
+                            wire.get("epoch").and_then(Json::as_str),
+                            Some(position.epoch.as_str())
+                        );
+                    }
                     channel_for_reply = channel.to_string();
                     ("subscribe", None)
                 }
@@ -185,15 +196,31 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(reply.get("code"), Some(&Json::str(code)));
     assert_eq!(reply.get("message"), Some(&Json::str(&message)));
 
-    for subscribed in [true, false] {
-        let reply = text_frame_json(&subscription_frame(subscribed, id, &channel_for_reply));
+    let epoch = Epoch::parse("abcd1234").expect("an epoch");
+    for (recovery, extra) in [
+        (Recovery::NotAsked, 0),
+        (Recovery::Recovered, 1),
+        (Recovery::Failed(RecoveryFailure::PositionExpired), 2),
+    ] {
+        let standing = Standing {
+            epoch,
+            offset,
+            recovery,
+        };
+        let reply = text_frame_json(&subscribed_frame(id, &channel_for_reply, &standing));
         id_matches(&reply);
-        check_frame_depth(&reply, "subscription reply");
-        let kind = if subscribed { "subscribed" } else { "unsubscribed" };
-        assert_eq!(reply.keys().len(), 2 + n_id);
-        assert_eq!(reply.get("type"), Some(&Json::str(kind)));
+        check_frame_depth(&reply, "subscribed reply");
+        assert_eq!(reply.keys().len(), 4 + extra + n_id);
+        assert_eq!(reply.get("type"), Some(&Json::str("subscribed")));
         assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
+        assert_eq!(reply.get("epoch"), Some(&Json::str("abcd1234")));
     }
+    let reply = text_frame_json(&unsubscribed_frame(id, &channel_for_reply));
+    id_matches(&reply);
+    check_frame_depth(&reply, "unsubscribed reply");
+    assert_eq!(reply.keys().len(), 2 + n_id);
+    assert_eq!(reply.get("type"), Some(&Json::str("unsubscribed")));
+    assert_eq!(reply.get("channel"), Some(&Json::str(&channel_for_reply)));
 
     let reply = text_frame_json(&published_frame(
         id,

@@ -18,7 +18,8 @@
 //! - `parse_query` never panics and agrees with a model: on `Ok` every
 //!   channel and the client id pass `name::validate`, channels are the
 //!   deduplicated list in order, at most `max_subscriptions`, and `format=raw`
-//!   has exactly one channel.
+//!   has exactly one channel; `since` positions (channel, epoch, offset) are
+//!   exactly the model's, each naming a channel of `channels`.
 #![no_main]
 
 use base64::Engine as _;
@@ -111,12 +112,46 @@ fn check_handshake(method: &Method, version: Version, headers: &HeaderMap) {
     }
 }
 
-/// The model of `parse_query` for `Ok` results: `(channels, client_id, format)`.
-fn expected_query(query: &str, max: usize) -> Option<(Vec<String>, Option<String>, Format)> {
+/// One `since` entry of the model: `(channel, epoch, offset)`.
+type ModelPosition = (String, String, u64);
+
+/// The model of `since=`: `<channel>:<epoch>:<offset>` entries, comma-separated, each channel
+/// at most once; an epoch is 8 of `0-9a-z`, an offset decimal digits that fit a u64.
+fn expected_positions(value: &str) -> Option<Vec<ModelPosition>> {
+    let mut positions: Vec<ModelPosition> = Vec::new();
+    for entry in value.split(',') {
+        let offset_at = entry.rfind(':')?;
+        let (rest, offset) = (&entry[..offset_at], &entry[offset_at + 1..]);
+        let epoch_at = rest.rfind(':')?;
+        let (channel, epoch) = (&rest[..epoch_at], &rest[epoch_at + 1..]);
+        name::validate(channel).ok()?;
+        let epoch_ok = epoch.len() == 8
+            && epoch
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        let digits_ok = !offset.is_empty() && offset.bytes().all(|b| b.is_ascii_digit());
+        if !epoch_ok || !digits_ok {
+            return None;
+        }
+        let offset: u64 = offset.parse().ok()?;
+        if positions.iter().any(|(known, _, _)| known == channel) {
+            return None;
+        }
+        positions.push((channel.to_owned(), epoch.to_owned(), offset));
+    }
+    Some(positions)
+}
+
+/// What the model of `parse_query` accepts: `(channels, client_id, format, since)`.
+type ModelQuery = (Vec<String>, Option<String>, Format, Vec<ModelPosition>);
+
+/// The model of `parse_query` for `Ok` results.
+fn expected_query(query: &str, max: usize) -> Option<ModelQuery> {
     let mut channels: Vec<String> = Vec::new();
     let mut client_id = None;
     let mut format = None;
     let mut tokens = 0;
+    let mut since = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "channels" => {
@@ -153,15 +188,28 @@ fn expected_query(query: &str, max: usize) -> Option<(Vec<String>, Option<String
                     return None;
                 }
             }
+            "since" => {
+                if since.is_some() {
+                    return None;
+                }
+                since = Some(expected_positions(&value)?);
+            }
             // Unknown parameters are refused.
             _ => return None,
         }
     }
     let format = format.unwrap_or(Format::Json);
+    let since = since.unwrap_or_default();
+    if since
+        .iter()
+        .any(|(channel, _, _)| !channels.contains(channel))
+    {
+        return None;
+    }
     if format == Format::Raw && channels.len() != 1 {
         return None;
     }
-    Some((channels, client_id, format))
+    Some((channels, client_id, format, since))
 }
 
 fn check_query(query: &str, config: &herald::Config) {
@@ -169,7 +217,15 @@ fn check_query(query: &str, config: &herald::Config) {
     let got = parse_query(query, config);
     let want = expected_query(query, max);
     match (got, want) {
-        (Ok(session), Some((channels, client_id, format))) => {
+        (Ok(session), Some((channels, client_id, format, since))) => {
+            let got: Vec<ModelPosition> = session
+                .since
+                .iter()
+                .map(|(channel, position)| {
+                    (channel.clone(), position.epoch.to_string(), position.offset)
+                })
+                .collect();
+            assert_eq!(got, since, "since positions");
             for channel in &session.channels {
                 assert!(name::validate(channel).is_ok(), "invalid channel {channel:?} accepted");
             }

@@ -887,7 +887,8 @@ impl Subscriber {
                     break;
                 };
                 let Some(stamp) = message.stamp else { break };
-                self.registry
+                let relayed = self
+                    .registry
                     .deliver(
                         channel,
                         stamp.epoch,
@@ -897,6 +898,9 @@ impl Subscriber {
                     )
                     .await
                     .map_err(|err| err.to_string())?;
+                if relayed == Relayed::Delivered {
+                    self.registry.metrics().broker_healed.inc();
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 pub struct StallProxy {
     pub addr: SocketAddr,
     stalled: watch::Sender<bool>,
+    severed: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
 
@@ -22,22 +23,39 @@ impl StallProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let (stalled, watching) = watch::channel(false);
+        let (severed, cut) = watch::channel(false);
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if *cut.borrow() {
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(forward(client_read, server_write, None));
-                tokio::spawn(forward(server_read, client_write, Some(watching.clone())));
+                tokio::spawn(severable(
+                    cut.clone(),
+                    forward(client_read, server_write, None),
+                ));
+                tokio::spawn(severable(
+                    cut.clone(),
+                    forward(server_read, client_write, Some(watching.clone())),
+                ));
             }
         });
         Self {
             addr,
             stalled,
+            severed,
             accept,
         }
+    }
+
+    /// Drops every connection through the proxy now and refuses new ones (`true`), as a
+    /// network that cuts a node off from Redis does, or lets connections through again.
+    pub fn sever(&self, severed: bool) {
+        self.severed.send_replace(severed);
     }
 
     /// Holds back (`true`) or lets through (`false`) everything the server sends from now on.
@@ -49,6 +67,14 @@ impl StallProxy {
 impl Drop for StallProxy {
     fn drop(&mut self) {
         self.accept.abort();
+    }
+}
+
+/// Runs `copy` until the proxy is severed, dropping its sockets then.
+async fn severable(mut cut: watch::Receiver<bool>, copy: impl Future<Output = ()>) {
+    tokio::select! {
+        () = copy => {}
+        _ = cut.wait_for(|severed| *severed) => {}
     }
 }
 

@@ -1,0 +1,267 @@
+//! History and recovery in cluster mode, against real redis-server processes: one stream per
+//! channel for every node, recovery on another node under concurrent publishing on two nodes,
+//! a node cut off from Redis healing from the history (with a gap only for what the history no
+//! longer holds), and the history API reading Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{eventually, readyz, wait_numsub, wait_ready};
+use common::redis_server::RedisServer;
+use common::stall_proxy::StallProxy;
+use common::{TestServer, Ws, recv_json, send_json};
+use herald::Config;
+use serde_json::{Value, json};
+
+fn cluster_config(url: &str, history: usize) -> Config {
+    Config::default()
+        .redis(Some(url.to_owned()))
+        .history_size(history)
+}
+
+/// Subscribes with a request and returns the `subscribed` reply.
+async fn subscribe(ws: &mut Ws, channel: &str, since: Option<(&str, u64)>) -> Value {
+    let mut request = json!({"type":"subscribe","channel":channel});
+    if let Some((epoch, offset)) = since {
+        request["since"] = json!({"epoch": epoch, "offset": offset});
+    }
+    send_json(ws, request).await;
+    let reply = recv_json(ws).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    reply
+}
+
+/// Reads `channel`'s messages after `after` up to `until`: each offset once, in order, and
+/// nothing else (a gap frame fails the test).
+async fn expect_offsets(ws: &mut Ws, channel: &str, after: u64, until: u64) {
+    for want in after + 1..=until {
+        let message = recv_json(ws).await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(message["channel"], channel);
+        assert_eq!(message["offset"], want, "offsets in order, once each");
+    }
+}
+
+async fn metric(server: &TestServer, name: &str) -> u64 {
+    let body = server.http().await.get("/metrics").await.body;
+    String::from_utf8(body)
+        .expect("utf-8 metrics")
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+async fn publish(server: &TestServer, channel: &str, count: u64) {
+    let mut http = server.http().await;
+    for n in 0..count {
+        let reply = http
+            .post_json(&format!("/api/publish/{channel}"), &n.to_string())
+            .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_node_serves_one_stream_and_one_history() {
+    let Some(redis) = RedisServer::start("cluster streams") else {
+        return;
+    };
+    let a = TestServer::start(cluster_config(&redis.url(), 100)).await;
+    let b = TestServer::start(cluster_config(&redis.url(), 100)).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut on_a, _) = a.connect_json("").await;
+    let (mut on_b, _) = b.connect_json("").await;
+    let reply_a = subscribe(&mut on_a, "news", None).await;
+    let reply_b = subscribe(&mut on_b, "news", None).await;
+    assert_eq!(
+        reply_a["epoch"], reply_b["epoch"],
+        "one epoch on every node"
+    );
+    assert_eq!(
+        (&reply_a["offset"], &reply_b["offset"]),
+        (&json!(0), &json!(0))
+    );
+    let epoch = reply_a["epoch"].as_str().unwrap().to_owned();
+
+    publish(&a, "news", 3).await;
+    publish(&b, "news", 2).await;
+    expect_offsets(&mut on_a, "news", 0, 5).await;
+    expect_offsets(&mut on_b, "news", 0, 5).await;
+    for server in [&a, &b] {
+        let history = server.http().await.get("/api/history/news?limit=2").await;
+        assert_eq!(history.status, 200);
+        let history = history.json();
+        assert_eq!(history["epoch"], epoch.as_str());
+        assert_eq!(history["offset"], 5);
+        assert_eq!(
+            history["messages"],
+            json!([{"offset":4,"data":0},{"offset":5,"data":1}])
+        );
+    }
+    let page = a
+        .http()
+        .await
+        .get(&format!("/api/history/news?since=1&epoch={epoch}&limit=2"))
+        .await
+        .json();
+    assert_eq!(page["messages"][0]["offset"], 2);
+    let welcome = {
+        let mut ws = b
+            .connect(&format!("/ws?channels=news&since=news:{epoch}:3"))
+            .await;
+        let welcome = recv_json(&mut ws).await;
+        expect_offsets(&mut ws, "news", 3, 5).await;
+        welcome
+    };
+    assert_eq!(welcome["channels"]["news"]["recovered"], true, "{welcome}");
+}
+
+/// Clients that leave one node and come back on the other, while two publishers publish on
+/// both nodes at full speed, get every offset exactly once, in order.
+#[tokio::test]
+async fn recovery_on_another_node_under_concurrent_publishing_is_exactly_once() {
+    const TOTAL: u64 = 2000;
+    let Some(redis) = RedisServer::start("cluster recovery under load") else {
+        return;
+    };
+    let a = TestServer::start(cluster_config(&redis.url(), 5000)).await;
+    let b = TestServer::start(cluster_config(&redis.url(), 5000)).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut watcher, _) = a.connect_json("").await;
+    let epoch = subscribe(&mut watcher, "load", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_numsub(&redis, "herald:{load}:messages", 1).await;
+    let publishers: Vec<_> = [a.addr, b.addr]
+        .into_iter()
+        .map(|addr| {
+            tokio::spawn(async move {
+                let mut http = common::HttpClient::connect(addr).await;
+                for n in 0..TOTAL / 2 {
+                    let reply = http.post_json("/api/publish/load", &n.to_string()).await;
+                    assert_eq!(reply.status, 200);
+                }
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for (delay_ms, leave_after, first, second) in [
+        (0, 30, a.addr, b.addr),
+        (5, 400, b.addr, a.addr),
+        (20, 1200, a.addr, b.addr),
+    ] {
+        let epoch = epoch.clone();
+        clients.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let url = format!("ws://{first}/ws?channels=load&since=load:{epoch}:0");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("connect");
+            let welcome = recv_json(&mut ws).await;
+            assert_eq!(welcome["channels"]["load"]["recovered"], true, "{welcome}");
+            expect_offsets(&mut ws, "load", 0, leave_after).await;
+            drop(ws);
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{second}/ws"))
+                .await
+                .expect("reconnect");
+            let _welcome = recv_json(&mut ws).await;
+            let reply = subscribe(&mut ws, "load", Some((&epoch, leave_after))).await;
+            assert_eq!(reply["recovered"], true, "{reply}");
+            expect_offsets(&mut ws, "load", leave_after, TOTAL).await;
+        }));
+    }
+    for task in publishers.into_iter().chain(clients) {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("finishes")
+            .expect("no assertion failed");
+    }
+    expect_offsets(&mut watcher, "load", 0, TOTAL).await;
+}
+
+/// A node cut off from Redis (here by a proxy that drops its connections) while another node
+/// publishes reads what it missed from the history when it is back: its subscriber gets every
+/// message once, in order, and no gap frame.
+#[tokio::test]
+async fn a_node_cut_off_from_redis_heals_from_the_history() {
+    let Some(redis) = RedisServer::start("cluster heal") else {
+        return;
+    };
+    let redis_addr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("addr");
+    let proxy = StallProxy::start(redis_addr).await;
+    let a = TestServer::start(cluster_config(&redis.url(), 100)).await;
+    let b = TestServer::start(cluster_config(&format!("redis://{}/", proxy.addr), 100)).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut on_b, _) = b.connect_json("channels=feed").await;
+    wait_numsub(&redis, "herald:{feed}:messages", 1).await;
+    publish(&a, "feed", 10).await;
+    expect_offsets(&mut on_b, "feed", 0, 10).await;
+
+    proxy.sever(true);
+    eventually("node B notices", async || readyz(&b).await == 503).await;
+    wait_numsub(&redis, "herald:{feed}:messages", 0).await;
+    publish(&a, "feed", 50).await;
+    proxy.sever(false);
+    wait_ready(&[&b]).await;
+    expect_offsets(&mut on_b, "feed", 10, 60).await;
+    publish(&a, "feed", 1).await;
+    expect_offsets(&mut on_b, "feed", 60, 61).await;
+    assert_eq!(metric(&b, "herald_broker_gaps_announced_total").await, 0);
+    assert!(metric(&b, "herald_broker_healed_total").await >= 50);
+}
+
+/// When the history no longer holds all that a cut-off node missed, its subscribers get a gap
+/// frame saying where messages go on from, then the rest of the history, then live messages.
+#[tokio::test]
+async fn what_the_history_lost_is_announced_with_the_position_to_go_on_from() {
+    let Some(redis) = RedisServer::start("cluster heal past the window") else {
+        return;
+    };
+    let redis_addr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("addr");
+    let proxy = StallProxy::start(redis_addr).await;
+    let a = TestServer::start(cluster_config(&redis.url(), 10)).await;
+    let b = TestServer::start(cluster_config(&format!("redis://{}/", proxy.addr), 10)).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut on_b, _) = b.connect_json("").await;
+    let epoch = subscribe(&mut on_b, "feed", None).await["epoch"].clone();
+    publish(&a, "feed", 5).await;
+    expect_offsets(&mut on_b, "feed", 0, 5).await;
+
+    proxy.sever(true);
+    eventually("node B notices", async || readyz(&b).await == 503).await;
+    wait_numsub(&redis, "herald:{feed}:messages", 0).await;
+    publish(&a, "feed", 30).await; // offsets 6..=35; the history keeps 26..=35
+    proxy.sever(false);
+    wait_ready(&[&b]).await;
+    let gap = recv_json(&mut on_b).await;
+    assert_eq!(
+        gap,
+        json!({"type":"gap","channel":"feed","epoch":epoch,"offset":25})
+    );
+    expect_offsets(&mut on_b, "feed", 25, 35).await;
+    assert_eq!(metric(&b, "herald_broker_gaps_announced_total").await, 1);
+
+    // A client's own recovery from before the window says so.
+    let (mut late, _) = a.connect_json("").await;
+    let reply = subscribe(&mut late, "feed", Some((epoch.as_str().unwrap(), 5))).await;
+    assert_eq!(reply["recovered"], false);
+    assert_eq!(reply["reason"], "position_expired");
+    assert_eq!(reply["offset"], 35);
+}
