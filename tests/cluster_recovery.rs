@@ -265,3 +265,51 @@ async fn what_the_history_lost_is_announced_with_the_position_to_go_on_from() {
     assert_eq!(reply["reason"], "position_expired");
     assert_eq!(reply["offset"], 35);
 }
+
+#[tokio::test]
+async fn without_redis_a_recovery_says_the_history_is_unavailable() {
+    if !common::redis_server::available("cluster history unavailable") {
+        return;
+    }
+    let port = common::redis_server::free_port();
+    let node = TestServer::start(cluster_config(&format!("redis://127.0.0.1:{port}/"), 100)).await;
+    let (mut ws, _) = node.connect_json("").await;
+    let reply = subscribe(&mut ws, "news", Some(("abcd1234", 3))).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_eq!(reply["reason"], "history_unavailable");
+    let history = node.http().await.get("/api/history/news").await;
+    assert_eq!(history.status, 503);
+    assert_eq!(history.json()["error"], "broker_unavailable");
+}
+
+#[tokio::test]
+async fn a_raw_client_whose_position_is_gone_is_closed_with_4002() {
+    let Some(redis) = RedisServer::start("cluster raw recovery") else {
+        return;
+    };
+    let node = TestServer::start(cluster_config(&redis.url(), 100)).await;
+    wait_ready(&[&node]).await;
+    publish(&node, "prices", 3).await;
+    let mut raw = node
+        .connect("/ws?format=raw&channels=prices&since=prices:zzzzzzzz:1")
+        .await;
+    assert_eq!(
+        common::expect_close(&mut raw).await,
+        (4002, "recovery failed".to_owned())
+    );
+    let epoch = node.http().await.get("/api/history/prices").await.json()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut raw = node
+        .connect(&format!(
+            "/ws?format=raw&channels=prices&since=prices:{epoch}:1"
+        ))
+        .await;
+    for n in [1, 2] {
+        assert_eq!(
+            common::recv(&mut raw).await,
+            tokio_tungstenite::tungstenite::Message::text(n.to_string())
+        );
+    }
+}

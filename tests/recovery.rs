@@ -530,3 +530,54 @@ async fn history_memory_is_capped_node_wide_oldest_first() {
         .collect();
     assert!(offsets.contains(&100), "the newest stays");
 }
+
+/// A client that stops reading in the middle of a replay while the window moves on past what
+/// it still has to get is closed with 4002, not handed a replay with a hole in it.
+#[tokio::test]
+async fn a_replay_the_window_overtakes_is_closed_with_4002() {
+    let server = TestServer::start(Config::default().queue_capacity(16).history_size(300)).await;
+    let (mut first, _) = server.connect_json("").await;
+    let (epoch, _) = position(&subscribe(&mut first, "fast", None).await);
+    drop(first);
+    // 300 messages of 60 KB: more than the kernel's socket buffers take, so the replay has to
+    // wait for the client.
+    let body = json!("z".repeat(60_000)).to_string();
+    let mut http = server.http().await;
+    for _ in 0..300 {
+        assert_eq!(http.post_json("/api/publish/fast", &body).await.status, 200);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let (mut slow, _) = tokio_tungstenite::client_async(
+        server.ws_url(&format!("/ws?channels=fast&since=fast:{epoch}:0")),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("upgrade");
+    // The replay starts; the client reads nothing while 600 more messages push its place out
+    // of the 300-message window.
+    for _ in 0..600 {
+        assert_eq!(http.post_json("/api/publish/fast", &body).await.status, 200);
+    }
+    let mut last = 0;
+    let close = loop {
+        match tokio::time::timeout(common::WAIT, slow.next())
+            .await
+            .expect("frames")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).expect("json");
+                if frame["type"] == "message" {
+                    assert_eq!(frame["offset"], last + 1, "no hole in what it got");
+                    last += 1;
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => break (u16::from(frame.code), frame.reason),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(close.0, 4002, "{close:?}");
+    assert_eq!(close.1.as_str(), "recovery failed");
+    assert!(last < 900, "read {last}");
+}
