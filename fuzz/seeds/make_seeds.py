@@ -111,6 +111,9 @@ def handshake_seeds():
         "rfc_sample": request(),
         "with_channels": request(b"/ws?channels=news,room:1/a-b_c.d@e&client_id=alice"),
         "raw_one_channel": request(b"/ws?channels=prices&format=raw"),
+        "since": request(b"/ws?channels=news,room:1&since=news:abcd1234:41,room:1:k3v9x0qa:0"),
+        "since_not_subscribed": request(b"/ws?channels=news&since=other:abcd1234:1"),
+        "since_twice": request(b"/ws?channels=a&since=a:abcd1234:1,a:abcd1234:2"),
         "raw_two_channels": request(b"/ws?channels=a,b&format=raw"),
         "duplicate_channels": request(b"/ws?channels=a,a,,b&channels=b,c"),
         "percent_encoded": request(b"/ws?channels=room%3Alobby%2Cx&client_id=c%40d+e"),
@@ -235,6 +238,23 @@ def token_seeds():
     write("token", "raw_empty_parts", b"\x00..")
 
 
+def history_query_seeds():
+    seeds = {
+        "empty": b"",
+        "limit": b"limit=2",
+        "since": b"since=5&epoch=abcd1234",
+        "all": b"since=0&epoch=k3v9x0qa&limit=1000",
+        "since_alone": b"since=5",
+        "bad_epoch": b"since=1&epoch=ABCD1234",
+        "repeated": b"limit=1&limit=2",
+        "unknown": b"page=2",
+        "escaped": b"since=%35&epoch=abcd%31234",
+        "plus": b"since=+5&epoch=abcd1234",
+    }
+    for name, data in seeds.items():
+        write("history_query", name, data)
+
+
 def wire_body(kind, sender, payload):
     """A cluster wire body: version 1, payload kind, sender length, sender, payload."""
     return bytes([1, kind, len(sender)]) + sender + payload
@@ -243,13 +263,14 @@ def wire_body(kind, sender, payload):
 def broker_wire_seeds():
     body = wire_body
     seeds = {
-        "channel_json": b"\x01" + b"42:" + body(0, b"", b'{"a":[1,2]}'),
-        "channel_text_from": b"\x01" + b"7:" + body(1, b"alice", b"hi: there"),
-        "channel_binary": b"\x01" + b"18446744073709551615:" + body(2, b"", b"\x00\xff:\x01"),
+        "channel_json": b"\x01" + b"abcd1234:42:1764000000000:" + body(0, b"", b'{"a":[1,2]}'),
+        "channel_text_from": b"\x01" + b"k3v9x0qa:7:1:" + body(1, b"alice", b"hi: there"),
+        "channel_binary": b"\x01" + b"zzzzzzzz:18446744073709551615:0:" + body(2, b"", b"\x00\xff:\x01"),
+        "bad_epoch": b"\x01" + b"ABCD1234:1:1:" + body(1, b"", b"x"),
         "direct_json_from": b"\x00" + body(0, b"bob", b'"psst"'),
         "broadcast_binary": b"\x00" + body(2, b"", b""),
-        "leading_zero_offset": b"\x01" + b"007:" + body(1, b"", b"x"),
-        "offset_overflow": b"\x01" + b"18446744073709551616:" + body(1, b"", b"x"),
+        "leading_zero_offset": b"\x01" + b"abcd1234:007:1:" + body(1, b"", b"x"),
+        "offset_overflow": b"\x01" + b"abcd1234:18446744073709551616:1:" + body(1, b"", b"x"),
         "bad_version": b"\x00" + bytes([9, 0, 0]) + b"1",
         "from_too_long": b"\x00" + bytes([1, 1, 200]) + b"a" * 10,
         "invalid_json": b"\x00" + body(0, b"", b'{"a":'),
@@ -263,7 +284,7 @@ def broker_wire_seeds():
 
 
 if __name__ == "__main__":
-    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token", "broker_wire"]:
+    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token", "broker_wire", "history_query"]:
         shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
     ws_seeds()
     handshake_seeds()
@@ -272,3 +293,4 @@ if __name__ == "__main__":
     mask_seeds()
     token_seeds()
     broker_wire_seeds()
+    history_query_seeds()

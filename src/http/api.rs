@@ -179,11 +179,8 @@ pub async fn history(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let channel = decode_segment(channel);
     name::validate(&channel).map_err(HttpError::InvalidChannel)?;
-    let query = HistoryQuery::parse(req.uri().query().unwrap_or(""))?;
-    let page = state
-        .broker
-        .history(&channel, query.since, query.limit)
-        .await?;
+    let (since, limit) = parse_history_query(req.uri().query().unwrap_or(""))?;
+    let page = state.broker.history(&channel, since, limit).await?;
     let mut messages = Vec::with_capacity(page.messages.len());
     for (_, frame) in &page.messages {
         let Some(message) = StoredMessage::parse(frame) else {
@@ -212,74 +209,72 @@ pub async fn history(
     ))
 }
 
-/// The query of `/api/history`.
-#[derive(Debug)]
-struct HistoryQuery {
-    since: Option<Position>,
-    limit: usize,
-}
-
-impl HistoryQuery {
-    fn parse(query: &str) -> Result<Self, HttpError> {
-        let mut since = None;
-        let mut epoch = None;
-        let mut limit = None;
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*key {
-                "since" => &mut since,
-                "epoch" => &mut epoch,
-                "limit" => &mut limit,
-                _ => {
-                    return Err(HttpError::InvalidQuery(format!(
-                        "unknown query parameter {key:?} (accepted: since, epoch, limit)"
-                    )));
-                }
-            };
-            if slot.replace(value.into_owned()).is_some() {
+/// Reads the query of `/api/history`: `since` and `epoch` (together: the position to read
+/// after) and `limit` (1 to [`HISTORY_PAGE_MAX`], default 100). Returns the position and the
+/// limit.
+///
+/// # Errors
+/// [`HttpError::InvalidQuery`] naming the first unknown, repeated or invalid parameter, and
+/// for `since` without `epoch` or the other way round.
+pub fn parse_history_query(query: &str) -> Result<(Option<Position>, usize), HttpError> {
+    let mut since = None;
+    let mut epoch = None;
+    let mut limit = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let slot = match &*key {
+            "since" => &mut since,
+            "epoch" => &mut epoch,
+            "limit" => &mut limit,
+            _ => {
                 return Err(HttpError::InvalidQuery(format!(
-                    "query parameter {key:?} is given more than once"
+                    "unknown query parameter {key:?} (accepted: since, epoch, limit)"
                 )));
             }
+        };
+        if slot.replace(value.into_owned()).is_some() {
+            return Err(HttpError::InvalidQuery(format!(
+                "query parameter {key:?} is given more than once"
+            )));
         }
-        let number = |name: &str, value: &str| {
-            value
-                .parse::<u64>()
-                .ok()
-                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| {
-                    HttpError::InvalidQuery(format!("{name} must be a whole number, not {value:?}"))
-                })
-        };
-        let limit = match limit {
-            None => HISTORY_PAGE_MAX.min(100),
-            Some(value) => {
-                let limit = number("limit", &value)?;
-                if limit == 0 || limit > HISTORY_PAGE_MAX as u64 {
-                    return Err(HttpError::InvalidQuery(format!(
-                        "limit must be between 1 and {HISTORY_PAGE_MAX}"
-                    )));
-                }
-                limit as usize
-            }
-        };
-        let since = match (since, epoch) {
-            (None, None) => None,
-            (Some(since), Some(epoch)) => Some(Position {
-                offset: number("since", &since)?,
-                epoch: Epoch::parse(&epoch).ok_or_else(|| {
-                    HttpError::InvalidQuery(format!(
-                        "epoch {epoch:?} is not an epoch this server hands out"
-                    ))
-                })?,
-            }),
-            _ => {
-                return Err(HttpError::InvalidQuery(
-                    "since and epoch go together: offsets count within an epoch".to_owned(),
-                ));
-            }
-        };
-        Ok(Self { since, limit })
     }
+    let number = |name: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .ok()
+            .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                HttpError::InvalidQuery(format!("{name} must be a whole number, not {value:?}"))
+            })
+    };
+    let limit = match limit {
+        None => 100,
+        Some(value) => {
+            let limit = number("limit", &value)?;
+            if limit == 0 || limit > HISTORY_PAGE_MAX as u64 {
+                return Err(HttpError::InvalidQuery(format!(
+                    "limit must be between 1 and {HISTORY_PAGE_MAX}"
+                )));
+            }
+            limit as usize
+        }
+    };
+    let since = match (since, epoch) {
+        (None, None) => None,
+        (Some(since), Some(epoch)) => Some(Position {
+            offset: number("since", &since)?,
+            epoch: Epoch::parse(&epoch).ok_or_else(|| {
+                HttpError::InvalidQuery(format!(
+                    "epoch {epoch:?} is not an epoch this server hands out"
+                ))
+            })?,
+        }),
+        _ => {
+            return Err(HttpError::InvalidQuery(
+                "since and epoch go together: offsets count within an epoch".to_owned(),
+            ));
+        }
+    };
+    Ok((since, limit))
 }
 
 /// `GET /api/channels`.

@@ -44,7 +44,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 
 pub use access::parse_allowed_origin;
-pub use api::decode_segment;
+pub use api::{HISTORY_PAGE_MAX, decode_segment, parse_history_query};
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
 pub use upgrade::parse_query;
 
