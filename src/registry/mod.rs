@@ -509,14 +509,22 @@ impl Registry {
                 state.confirmed = true;
             }
         }
-        // The stream as the source has it: this node's own (memory mode), or Redis's.
+        // The stream as the source has it: this node's own (memory mode), or Redis's, where
+        // the node may already have relayed messages published after the read.
         let (epoch, latest, first) = match source {
             Source::Local => (
                 state.epoch,
                 state.offset,
                 state.history.first_offset(state.offset),
             ),
-            Source::Fetched(fetched) => (fetched.epoch, fetched.latest, fetched.first),
+            Source::Fetched(fetched) => {
+                let relayed = if state.epoch == fetched.epoch {
+                    state.offset
+                } else {
+                    0
+                };
+                (fetched.epoch, fetched.latest.max(relayed), fetched.first)
+            }
         };
         let (after, standing, reply) = match cursor {
             Cursor::Start(since) => {
