@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::cluster::{eventually, node, readyz, recv_message, wait_numsub, wait_ready};
 use common::redis_server::{RedisServer, available, free_port};
-use common::{TestServer, expect_silence, recv_json, send_json};
+use common::{TestServer, expect_silence, metric, recv_json, send_json};
 use futures_util::SinkExt as _;
 use herald::Config;
 use serde_json::json;
@@ -303,15 +303,6 @@ async fn a_node_started_without_redis_serves_locally_and_turns_ready_when_it_com
         recv_message(&mut subscriber).await,
         json!({"type":"message","channel":"news","offset":1,"data":2})
     );
-}
-
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    let body = server.http().await.get("/metrics").await.body;
-    String::from_utf8(body)
-        .expect("utf-8 metrics")
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
 #[tokio::test]

@@ -8,11 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{eventually, readyz, wait_numsub, wait_ready};
+use common::positions::{expect_offsets, subscribe};
 use common::redis_server::RedisServer;
 use common::stall_proxy::StallProxy;
-use common::{TestServer, Ws, recv_json, send_json};
+use common::{TestServer, metric, recv_json};
 use herald::Config;
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn cluster_config(url: &str, history: usize) -> Config {
     Config::default()
@@ -20,36 +21,20 @@ fn cluster_config(url: &str, history: usize) -> Config {
         .history_size(history)
 }
 
-/// Subscribes with a request and returns the `subscribed` reply.
-async fn subscribe(ws: &mut Ws, channel: &str, since: Option<(&str, u64)>) -> Value {
-    let mut request = json!({"type":"subscribe","channel":channel});
-    if let Some((epoch, offset)) = since {
-        request["since"] = json!({"epoch": epoch, "offset": offset});
-    }
-    send_json(ws, request).await;
-    let reply = recv_json(ws).await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    reply
-}
-
-/// Reads `channel`'s messages after `after` up to `until`: each offset once, in order, and
-/// nothing else (a gap frame fails the test).
-async fn expect_offsets(ws: &mut Ws, channel: &str, after: u64, until: u64) {
-    for want in after + 1..=until {
-        let message = recv_json(ws).await;
-        assert_eq!(message["type"], "message", "{message}");
-        assert_eq!(message["channel"], channel);
-        assert_eq!(message["offset"], want, "offsets in order, once each");
-    }
-}
-
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    let body = server.http().await.get("/metrics").await.body;
-    String::from_utf8(body)
-        .expect("utf-8 metrics")
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
+/// Two ready nodes keeping `history` messages a channel: A on `redis` itself, B through a
+/// proxy that can cut it off.
+async fn cut_off_pair(redis: &RedisServer, history: usize) -> (StallProxy, TestServer, TestServer) {
+    let redis_addr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("addr");
+    let proxy = StallProxy::start(redis_addr).await;
+    let a = TestServer::start(cluster_config(&redis.url(), history)).await;
+    let b = TestServer::start(cluster_config(&format!("redis://{}/", proxy.addr), history)).await;
+    wait_ready(&[&a, &b]).await;
+    (proxy, a, b)
 }
 
 async fn publish(server: &TestServer, channel: &str, count: u64) {
@@ -194,16 +179,7 @@ async fn a_node_cut_off_from_redis_heals_from_the_history() {
     let Some(redis) = RedisServer::start("cluster heal") else {
         return;
     };
-    let redis_addr = redis
-        .url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("addr");
-    let proxy = StallProxy::start(redis_addr).await;
-    let a = TestServer::start(cluster_config(&redis.url(), 100)).await;
-    let b = TestServer::start(cluster_config(&format!("redis://{}/", proxy.addr), 100)).await;
-    wait_ready(&[&a, &b]).await;
+    let (proxy, a, b) = cut_off_pair(&redis, 100).await;
     let (mut on_b, _) = b.connect_json("channels=feed").await;
     wait_numsub(&redis, "herald:{feed}:messages", 1).await;
     publish(&a, "feed", 10).await;
@@ -229,16 +205,7 @@ async fn what_the_history_lost_is_announced_with_the_position_to_go_on_from() {
     let Some(redis) = RedisServer::start("cluster heal past the window") else {
         return;
     };
-    let redis_addr = redis
-        .url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("addr");
-    let proxy = StallProxy::start(redis_addr).await;
-    let a = TestServer::start(cluster_config(&redis.url(), 10)).await;
-    let b = TestServer::start(cluster_config(&format!("redis://{}/", proxy.addr), 10)).await;
-    wait_ready(&[&a, &b]).await;
+    let (proxy, a, b) = cut_off_pair(&redis, 10).await;
     let (mut on_b, _) = b.connect_json("").await;
     let epoch = subscribe(&mut on_b, "feed", None).await["epoch"].clone();
     publish(&a, "feed", 5).await;

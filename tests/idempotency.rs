@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::cluster::{node, recv_message, wait_numsub, wait_ready};
 use common::redis_server::RedisServer;
 use common::stall_proxy::StallProxy;
-use common::{HttpReply, TestServer, Ws, recv_json};
+use common::{HttpReply, TestServer, Ws, metric, recv_json};
 use herald::Config;
 use serde_json::{Value, json};
 
@@ -88,15 +88,6 @@ async fn frame_types(ws: &mut Ws, count: usize) -> Vec<String> {
     }
     types.sort();
     types
-}
-
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    let body = server.http().await.get("/metrics").await.body;
-    String::from_utf8(body)
-        .expect("utf-8 metrics")
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,19 +8,13 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{TestServer, Ws, recv, recv_json, send_json};
-use futures_util::StreamExt as _;
+use common::positions::{
+    connect_small_buffer, expect_offsets, position, read_until_close, subscribe,
+};
+use common::{TestServer, recv, recv_json, send_json};
 use herald::Config;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The epoch and latest offset in a `subscribed` frame or a welcome's channel entry.
-fn position(standing: &Value) -> (String, u64) {
-    (
-        standing["epoch"].as_str().expect("an epoch").to_owned(),
-        standing["offset"].as_u64().expect("an offset"),
-    )
-}
 
 /// Publishes `count` messages `{"n":..}` to `channel` over one HTTP connection.
 async fn publish_many(server: &TestServer, channel: &str, count: usize) {
@@ -33,31 +27,6 @@ async fn publish_many(server: &TestServer, channel: &str, count: usize) {
             )
             .await;
         assert_eq!(reply.status, 200);
-    }
-}
-
-/// Subscribes with a request and returns the `subscribed` reply.
-async fn subscribe(ws: &mut Ws, channel: &str, since: Option<(&str, u64)>) -> Value {
-    let mut request = json!({"type":"subscribe","channel":channel});
-    if let Some((epoch, offset)) = since {
-        request["since"] = json!({"epoch": epoch, "offset": offset});
-    }
-    send_json(ws, request).await;
-    let reply = recv_json(ws).await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    reply
-}
-
-/// Reads `channel`'s messages until offset `until`, asserting that they are exactly
-/// `after + 1 ..= until`, in order.
-async fn expect_offsets(ws: &mut Ws, channel: &str, after: u64, until: u64) {
-    let mut want = after + 1;
-    while want <= until {
-        let message = recv_json(ws).await;
-        assert_eq!(message["type"], "message", "{message}");
-        assert_eq!(message["channel"], channel);
-        assert_eq!(message["offset"], want, "offsets in order, once each");
-        want += 1;
     }
 }
 
@@ -228,15 +197,7 @@ async fn recovery_under_concurrent_publishing_is_exactly_once() {
 async fn a_dropped_slow_consumer_comes_back_and_misses_nothing() {
     const TOTAL: u64 = 3000;
     let server = TestServer::start(Config::default().queue_capacity(64).history_size(5000)).await;
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("small buffer");
-    let stream = socket.connect(server.addr).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        server.ws_url("/ws?channels=ticker"),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("upgrade");
+    let mut slow = connect_small_buffer(&server, "/ws?channels=ticker").await;
     let welcome = recv_json(&mut slow).await;
     let (epoch, _) = position(&welcome["channels"]["ticker"]);
     let payload = "x".repeat(4096);
@@ -248,21 +209,7 @@ async fn a_dropped_slow_consumer_comes_back_and_misses_nothing() {
         assert_eq!(reply.status, 200);
     }
     // What reached the socket before the drop, then the close.
-    let mut last = 0;
-    let close = loop {
-        match tokio::time::timeout(common::WAIT, slow.next())
-            .await
-            .expect("frames")
-        {
-            Some(Ok(Message::Text(text))) => {
-                let message: Value = serde_json::from_str(&text).expect("json");
-                assert_eq!(message["offset"], last + 1);
-                last += 1;
-            }
-            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (last, close, _) = read_until_close(&mut slow).await;
     assert_eq!(close, 1008, "dropped as a slow consumer");
     assert!(last < TOTAL - 64, "it really missed messages: read {last}");
 
@@ -546,38 +493,14 @@ async fn a_replay_the_window_overtakes_is_closed_with_4002() {
     for _ in 0..300 {
         assert_eq!(http.post_json("/api/publish/fast", &body).await.status, 200);
     }
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("small buffer");
-    let stream = socket.connect(server.addr).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        server.ws_url(&format!("/ws?channels=fast&since=fast:{epoch}:0")),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("upgrade");
+    let mut slow =
+        connect_small_buffer(&server, &format!("/ws?channels=fast&since=fast:{epoch}:0")).await;
     // The replay starts; the client reads nothing while 600 more messages push its place out
     // of the 300-message window.
     for _ in 0..600 {
         assert_eq!(http.post_json("/api/publish/fast", &body).await.status, 200);
     }
-    let mut last = 0;
-    let close = loop {
-        match tokio::time::timeout(common::WAIT, slow.next())
-            .await
-            .expect("frames")
-        {
-            Some(Ok(Message::Text(text))) => {
-                let frame: Value = serde_json::from_str(&text).expect("json");
-                if frame["type"] == "message" {
-                    assert_eq!(frame["offset"], last + 1, "no hole in what it got");
-                    last += 1;
-                }
-            }
-            Some(Ok(Message::Close(Some(frame)))) => break (u16::from(frame.code), frame.reason),
-            other => panic!("unexpected {other:?}"),
-        }
-    };
-    assert_eq!(close.0, 4002, "{close:?}");
-    assert_eq!(close.1.as_str(), "recovery failed");
+    let (last, code, reason) = read_until_close(&mut slow).await;
+    assert_eq!((code, reason.as_str()), (4002, "recovery failed"));
     assert!(last < 900, "read {last}");
 }

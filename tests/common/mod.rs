@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod cluster;
+pub mod positions;
 pub mod redis_server;
 pub mod stall_proxy;
 
@@ -99,6 +100,16 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// The value of the Prometheus metric `name` (without labels) on `server`.
+pub async fn metric(server: &TestServer, name: &str) -> u64 {
+    let body = server.http().await.get("/metrics").await.body;
+    String::from_utf8(body)
+        .expect("utf-8 metrics")
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
 /// The next data frame, within [`WAIT`]; control frames are skipped.
