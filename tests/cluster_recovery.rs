@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{eventually, readyz, wait_numsub, wait_ready};
-use common::positions::{expect_offsets, subscribe};
+use common::positions::{expect_offsets, leave_and_come_back, subscribe};
 use common::redis_server::RedisServer;
 use common::stall_proxy::StallProxy;
 use common::{TestServer, metric, recv_json};
@@ -145,21 +145,7 @@ async fn recovery_on_another_node_under_concurrent_publishing_is_exactly_once() 
         let epoch = epoch.clone();
         clients.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let url = format!("ws://{first}/ws?channels=load&since=load:{epoch}:0");
-            let (mut ws, _) = tokio_tungstenite::connect_async(url)
-                .await
-                .expect("connect");
-            let welcome = recv_json(&mut ws).await;
-            assert_eq!(welcome["channels"]["load"]["recovered"], true, "{welcome}");
-            expect_offsets(&mut ws, "load", 0, leave_after).await;
-            drop(ws);
-            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{second}/ws"))
-                .await
-                .expect("reconnect");
-            let _welcome = recv_json(&mut ws).await;
-            let reply = subscribe(&mut ws, "load", Some((&epoch, leave_after))).await;
-            assert_eq!(reply["recovered"], true, "{reply}");
-            expect_offsets(&mut ws, "load", leave_after, TOTAL).await;
+            leave_and_come_back(first, second, "load", &epoch, leave_after, TOTAL).await;
         }));
     }
     for task in publishers.into_iter().chain(clients) {

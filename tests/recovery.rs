@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::positions::{
-    connect_small_buffer, expect_offsets, position, read_until_close, subscribe,
+    connect_small_buffer, expect_offsets, leave_and_come_back, position, read_until_close,
+    subscribe,
 };
 use common::{TestServer, recv, recv_json, send_json};
 use herald::Config;
@@ -159,26 +160,7 @@ async fn recovery_under_concurrent_publishing_is_exactly_once() {
         let epoch = epoch.clone();
         clients.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let url = format!("ws://{addr}/ws?channels=load&since=load:{epoch}:0");
-            let (mut ws, _) = tokio_tungstenite::connect_async(url)
-                .await
-                .expect("connect");
-            let welcome = recv_json(&mut ws).await;
-            assert_eq!(welcome["channels"]["load"]["recovered"], true, "{welcome}");
-            let mut last = 0;
-            while last < leave_after {
-                let message = recv_json(&mut ws).await;
-                assert_eq!(message["offset"], last + 1, "in order, once");
-                last += 1;
-            }
-            drop(ws);
-            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-                .await
-                .expect("reconnect");
-            let _welcome = recv_json(&mut ws).await;
-            let reply = subscribe(&mut ws, "load", Some((&epoch, last))).await;
-            assert_eq!(reply["recovered"], true, "{reply}");
-            expect_offsets(&mut ws, "load", last, TOTAL).await;
+            leave_and_come_back(addr, addr, "load", &epoch, leave_after, TOTAL).await;
         }));
     }
     for task in publishers.into_iter().chain(clients) {

@@ -74,3 +74,32 @@ pub async fn read_until_close(ws: &mut Ws) -> (u64, u16, String) {
         }
     }
 }
+
+/// A client that recovers `channel` twice while it is being published to: it connects to
+/// `first` with `since=<channel>:<epoch>:0` in the URL, reads up to offset `leave_after`,
+/// leaves, connects to `second` and subscribes from there with the offset it read, then
+/// reads up to `total`. Every offset must come exactly once, in order.
+pub async fn leave_and_come_back(
+    first: std::net::SocketAddr,
+    second: std::net::SocketAddr,
+    channel: &str,
+    epoch: &str,
+    leave_after: u64,
+    total: u64,
+) {
+    let url = format!("ws://{first}/ws?channels={channel}&since={channel}:{epoch}:0");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["channels"][channel]["recovered"], true, "{welcome}");
+    expect_offsets(&mut ws, channel, 0, leave_after).await;
+    drop(ws);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{second}/ws"))
+        .await
+        .expect("reconnect");
+    let _welcome = recv_json(&mut ws).await;
+    let reply = subscribe(&mut ws, channel, Some((epoch, leave_after))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    expect_offsets(&mut ws, channel, leave_after, total).await;
+}
