@@ -9,9 +9,11 @@
 //! - [`http`]: routing, the publish API and the WebSocket upgrade (hyper stops here).
 //! - [`connection`]: one WebSocket connection's read loop and vectored write path.
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
-//! - [`broker`]: where messages go: the in-memory broker, or Redis in cluster mode.
+//! - [`broker`]: where messages go: the in-memory broker, or Redis in cluster mode (with each
+//!   channel's stream and history kept in Redis).
 //! - [`idempotency`]: `Idempotency-Key` rules, request fingerprints and the in-memory key store.
-//! - [`registry`]: sharded connections, channel offsets, fan-out and per-connection outboxes.
+//! - [`registry`]: sharded connections, channel epochs, offsets and history, fan-out with
+//!   exact catch-up from a position, and per-connection outboxes.
 //! - [`protocol`]: the JSON protocol (client requests and server envelopes).
 //! - [`auth`]: JWT verification for clients and the channel patterns a token grants.
 //! - [`rate`]: the per-connection publish rate limit.
