@@ -266,3 +266,64 @@ async fn a_raw_client_whose_position_is_gone_is_closed_with_4002() {
         );
     }
 }
+
+/// Redis killed and restarted (keeping its data) while a publisher goes on publishing through
+/// the outage (retrying each `503` with its `Idempotency-Key`): the subscriber on the other node
+/// gets every message once, in order, healed from the history, with no gap frame.
+#[tokio::test]
+async fn redis_killed_and_restarted_mid_stream_heals_subscribers_from_the_history() {
+    const TOTAL: u64 = 300;
+    let Some(mut redis) = RedisServer::start_persistent("cluster redis restart heals") else {
+        return;
+    };
+    let a = TestServer::start(cluster_config(&redis.url(), 1000)).await;
+    let b = TestServer::start(cluster_config(&redis.url(), 1000)).await;
+    wait_ready(&[&a, &b]).await;
+    let (mut on_b, _) = b.connect_json("channels=orders").await;
+    wait_numsub(&redis, "herald:{orders}:messages", 1).await;
+    let addr = a.addr;
+    let publisher = tokio::spawn(async move {
+        for n in 0..TOTAL {
+            let key = format!("order-{n}");
+            loop {
+                let mut http = common::HttpClient::connect(addr).await;
+                let reply = http
+                    .request(
+                        "POST",
+                        "/api/publish/orders",
+                        &[
+                            ("content-type", "application/json"),
+                            ("idempotency-key", &key),
+                        ],
+                        n.to_string().as_bytes(),
+                    )
+                    .await;
+                match reply.status {
+                    200 => break,
+                    503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                    other => panic!("publish {n}: {other}"),
+                }
+            }
+        }
+    });
+    expect_offsets(&mut on_b, "orders", 0, 50).await;
+    redis.kill();
+    eventually("node B notices", async || readyz(&b).await == 503).await;
+    redis.restart();
+    expect_offsets(&mut on_b, "orders", 50, TOTAL).await;
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("the publisher finishes")
+        .expect("every publish succeeded once");
+    assert_eq!(metric(&b, "herald_broker_gaps_announced_total").await, 0);
+    let history = a
+        .http()
+        .await
+        .get("/api/history/orders?limit=1")
+        .await
+        .json();
+    assert_eq!(
+        history["offset"], TOTAL,
+        "one offset per message: no retry published twice"
+    );
+}

@@ -13,6 +13,9 @@ pub const REQUIRE_VAR: &str = "HERALD_REQUIRE_REDIS";
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Where a persistent server keeps its append-only file (every write fsynced), so that a
+    /// kill and restart loses nothing; `None` for a server that starts empty every time.
+    dir: Option<std::path::PathBuf>,
 }
 
 /// Whether `redis-server` can be run here. When it cannot, prints a loud notice and returns
@@ -55,9 +58,31 @@ impl RedisServer {
 
     /// Starts redis-server on `port` and waits until it answers PING.
     pub fn start_on(port: u16) -> Self {
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            dir: None,
+        };
         server.restart();
         server
+    }
+
+    /// Like [`RedisServer::start`], with an append-only file fsynced on every write: a kill
+    /// and [`RedisServer::restart`] keep every stream and history.
+    pub fn start_persistent(test: &str) -> Option<Self> {
+        if !available(test) {
+            return None;
+        }
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis data dir");
+        let mut server = Self {
+            port,
+            child: None,
+            dir: Some(dir),
+        };
+        server.restart();
+        Some(server)
     }
 
     /// `redis://127.0.0.1:<port>/`.
@@ -78,9 +103,23 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            let mut command = Command::new("redis-server");
+            command.args(["--port", &self.port.to_string()]).args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ]);
+            match &self.dir {
+                Some(dir) => command.arg("--dir").arg(dir).args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ]),
+                None => command.args(["--appendonly", "no"]),
+            };
+            let child = command
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -194,5 +233,8 @@ fn complete(reply: &[u8]) -> bool {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
