@@ -8,6 +8,7 @@
 //! | `/healthz` | GET | `ok` while the server runs |
 //! | `/readyz` | GET | ready to take publishes (in cluster mode: subscribed in Redis) |
 //! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format`, `token` query) |
+//! | `/sse` | GET | Server-Sent Events for subscribers (`channels`, `client_id`, `last_event_id`, `token` query) |
 //! | `/echo` | GET | WebSocket that echoes every message (conformance testing) |
 //! | `/api/publish/{channel}` | POST | publish the body to a channel |
 //! | `/api/send/{client_id}` | POST | send the body to every connection of a client |
@@ -19,13 +20,17 @@
 //!
 //! `/api/*` and `/metrics` need an API key when keys are configured, and a loopback client that
 //! did not come through a proxy otherwise (`--public-metrics` opens `/metrics`); a WebSocket
-//! upgrade from a browser must come from an allowed origin (see `access`), and `/ws`
-//! needs a client token when a JWT key is configured (see [`crate::auth`]).
+//! upgrade (or `/sse` stream) from a browser must come from an allowed origin (see `access`),
+//! and `/ws` and `/sse` need a client token when a JWT key is configured (see [`crate::auth`]).
+//!
+//! Every route answers with a whole body but `/sse`, whose body streams (see `body`).
 
 mod access;
 mod api;
+mod body;
 mod demo;
 mod error;
+mod sse;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -45,6 +50,7 @@ use crate::config::Config;
 
 pub use access::parse_allowed_origin;
 pub use api::decode_segment;
+pub use body::{Chunk, ResponseBody};
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
 pub use upgrade::parse_query;
 
@@ -71,10 +77,22 @@ pub async fn handle(
     state: Arc<AppState>,
     slot: ConnectionSlot,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    route(req, &state, &slot, peer)
-        .await
+) -> Response<ResponseBody> {
+    let answer = match check_head_size(&req) {
+        Ok(()) if req.uri().path() == "/sse" => return respond_sse(&req, &state).await,
+        Ok(()) => route(req, &state, &slot, peer).await,
+        Err(err) => Err(err),
+    };
+    answer
         .unwrap_or_else(HttpError::into_response)
+        .map(ResponseBody::Whole)
+}
+
+/// `/sse`, the one route whose body streams.
+async fn respond_sse(req: &Request<Incoming>, state: &AppState) -> Response<ResponseBody> {
+    sse::respond(req, state)
+        .await
+        .unwrap_or_else(|err| err.into_response().map(ResponseBody::Whole))
 }
 
 async fn route(
@@ -83,7 +101,6 @@ async fn route(
     slot: &ConnectionSlot,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
-    check_head_size(&req)?;
     let path = req.uri().path().to_owned();
     let operator_route =
         path.starts_with("/api/") || (path == "/metrics" && !state.config.public_metrics);

@@ -478,7 +478,10 @@ pub fn server_frame_payload(frame: &Bytes) -> Option<(OpCode, Bytes)> {
     let opcode = OpCode::from_u8(first & 0x0F)?;
     let (header, len) = match second {
         0..=125 => (2, u64::from(second)),
-        126 => (4, u64::from(u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?))),
+        126 => (
+            4,
+            u64::from(u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?)),
+        ),
         127 => (10, u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?)),
         _ => return None,
     };
@@ -536,9 +539,15 @@ mod tests {
             assert!(server_frame_payload(&frame.slice(..frame.len() - 1)).is_none());
         }
         let ping = encode_frame(OpCode::Ping, b"");
-        assert_eq!(server_frame_payload(&ping), Some((OpCode::Ping, Bytes::new())));
+        assert_eq!(
+            server_frame_payload(&ping),
+            Some((OpCode::Ping, Bytes::new()))
+        );
         let masked = Bytes::from(encode_masked(OpCode::Text, true, b"hi", [1, 2, 3, 4]));
-        assert!(server_frame_payload(&masked).is_none(), "client frames are not ours");
+        assert!(
+            server_frame_payload(&masked).is_none(),
+            "client frames are not ours"
+        );
         let unfinished = Bytes::from_static(&[0x01, 0x00]);
         assert!(server_frame_payload(&unfinished).is_none());
         assert!(server_frame_payload(&Bytes::from_static(&[0x81])).is_none());
