@@ -47,6 +47,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::sse::Watch;
 
 pub use access::parse_allowed_origin;
 pub use api::decode_segment;
@@ -66,10 +67,39 @@ pub struct AppState {
     pub verifier: Option<Arc<Verifier>>,
 }
 
-/// The connection-limit permit of one TCP connection. The HTTP connection holds it; an upgrade
-/// takes it out and moves it into the WebSocket task, so the limit counts each socket once for
-/// its whole life.
-pub type ConnectionSlot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+/// One TCP connection's share of the server, for its whole life: its permit under the
+/// connection limit, and the watch on the `/sse` stream its response carries.
+#[derive(Debug)]
+pub struct Slot {
+    /// The HTTP connection holds it; an upgrade takes it out and moves it into the WebSocket
+    /// task, so the limit counts each socket once for its whole life.
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Polled by the connection's task next to hyper (see [`Watch`]).
+    stream: Watch,
+}
+
+impl Slot {
+    /// The slot of a connection that holds `permit`.
+    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            permit: Mutex::new(Some(permit)),
+            stream: Watch::default(),
+        }
+    }
+
+    /// Takes the permit out, for a connection that moves to a task of its own (an upgrade).
+    pub fn take_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permit.lock().take()
+    }
+
+    /// The watch on the connection's `/sse` stream.
+    pub fn stream(&self) -> &Watch {
+        &self.stream
+    }
+}
+
+/// The [`Slot`] of one TCP connection, shared by its task and its requests.
+pub type ConnectionSlot = Arc<Slot>;
 
 /// Answers one HTTP request.
 pub async fn handle(
@@ -79,7 +109,7 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let answer = match check_head_size(&req) {
-        Ok(()) if req.uri().path() == "/sse" => return respond_sse(&req, &state).await,
+        Ok(()) if req.uri().path() == "/sse" => return respond_sse(&req, &state, &slot).await,
         Ok(()) => route(req, &state, &slot, peer).await,
         Err(err) => Err(err),
     };
@@ -89,8 +119,12 @@ pub async fn handle(
 }
 
 /// `/sse`, the one route whose body streams.
-async fn respond_sse(req: &Request<Incoming>, state: &AppState) -> Response<ResponseBody> {
-    sse::respond(req, state)
+async fn respond_sse(
+    req: &Request<Incoming>,
+    state: &AppState,
+    slot: &Slot,
+) -> Response<ResponseBody> {
+    sse::respond(req, state, slot.stream())
         .await
         .unwrap_or_else(|err| err.into_response().map(ResponseBody::Whole))
 }

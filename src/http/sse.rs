@@ -27,8 +27,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::body::ResponseBody;
 use super::upgrade::{self, Endpoint};
 use super::{AppState, HttpError, access};
-use crate::sse::event_id::EventId;
-use crate::sse::{EventStream, Opening};
+use crate::sse::event_id::{EventId, EventIdError};
+use crate::sse::{EventStream, Opening, Watch};
 
 /// The header `EventSource` resends with the id of the last event it got.
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
@@ -44,6 +44,7 @@ const METHODS: &str = "GET, OPTIONS";
 pub async fn respond(
     req: &Request<Incoming>,
     state: &AppState,
+    watch: &Watch,
 ) -> Result<Response<ResponseBody>, HttpError> {
     let origin = access::cors_origin(req.headers(), &state.config.allowed_origins)?;
     match *req.method() {
@@ -71,6 +72,7 @@ pub async fn respond(
             since,
             expires_in: session.auth.map(|auth| auth.grant.expires_in()),
         },
+        watch,
     );
     let mut response = Response::new(ResponseBody::Events(stream));
     let headers = response.headers_mut();
@@ -90,7 +92,7 @@ fn last_event_id(headers: &HeaderMap, query: &str) -> Result<Option<EventId>, Ht
         Some(value) if !value.is_empty() => value
             .to_str()
             .map_err(|_| {
-                HttpError::InvalidQuery("the Last-Event-ID header is not ASCII text".to_owned())
+                HttpError::InvalidLastEventId(EventIdError::Malformed("it is not ASCII text"))
             })?
             .to_owned(),
         _ => form_urlencoded::parse(query.as_bytes())

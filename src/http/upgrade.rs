@@ -43,7 +43,7 @@ pub fn websocket(
     let query = req.uri().query().unwrap_or("");
     let session = admit(state, req.headers(), query, endpoint)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let permit = slot.lock().take();
+    let permit = slot.take_permit();
     let broker = state.broker.clone();
     let max_message_bytes = state.config.max_message_bytes;
     // This task only waits for the upgrade; the connection gets a task of its own, so that

@@ -13,8 +13,8 @@
 //! the writer's flush after a push only wakes it. Hyper polls the body only while its own
 //! bounded write buffer has room, so a client that stops reading leaves the frames in the
 //! outbox, which overflows as a WebSocket's would: the stream is then cut off (the body fails,
-//! hyper drops the connection), counted and logged as a slow consumer, and the client comes
-//! back with its last event id.
+//! or, while hyper waits for a full socket, the connection's [`Watch`] drops the connection),
+//! counted and logged as a slow consumer, and the client comes back with its last event id.
 //!
 //! Each frame is the WebSocket text frame the registry built once for every subscriber; the
 //! body takes its payload (the JSON envelope) as a slice of it and hands hyper `id: <id>\ndata:
@@ -41,6 +41,9 @@
 //! whose state (hyper's buffers) makes an idle stream cost more memory than an idle WebSocket.
 
 pub mod event_id;
+mod watch;
+
+pub use watch::Watch;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -128,11 +131,14 @@ pub struct Opening {
 
 impl EventStream {
     /// Registers a stream, subscribes it to its channels (recovering each from its position
-    /// when one is given) and queues its welcome in front of whatever those queued.
-    pub fn open(registry: &Registry, opening: Opening) -> Self {
+    /// when one is given) and queues its welcome in front of whatever those queued. `watch`
+    /// is the HTTP connection's, which drops the connection if the stream is cut off while
+    /// hyper waits for the socket.
+    pub fn open(registry: &Registry, opening: Opening, watch: &Watch) -> Self {
         let registration = registry.register_pulled(Arc::clone(&opening.client_id), true);
         let conn = registration.id;
         let outbox = registration.outbox;
+        watch.set(&outbox);
         if let Some(expires_in) = opening.expires_in {
             registry.set_expiry(conn, expires_in);
         }
@@ -364,8 +370,13 @@ impl Body for EventStream {
 impl Drop for EventStream {
     fn drop(&mut self) {
         if self.phase != Phase::Done {
-            // Hyper dropped the body before it ended: the client went away.
-            self.finish(ClosedBy::PeerGone);
+            // Hyper dropped the body before it ended: the client went away, or the connection
+            // was dropped because the stream was cut off while hyper waited for the socket.
+            let by = match self.outbox.close_reason() {
+                Some(CloseReason::SlowConsumer) => ClosedBy::SlowConsumer,
+                _ => ClosedBy::PeerGone,
+            };
+            self.finish(by);
         }
         self.registry.task_done();
     }
