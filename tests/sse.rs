@@ -1023,12 +1023,19 @@ async fn curl_prints_what_the_readme_shows() {
     for _ in 0..3 {
         printed.push(curl.line().await);
     }
-    let publish = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(publish_command.replace("localhost:8080", &here))
-        .stdout(Stdio::null())
-        .status()
-        .expect("run the README's publish");
+    // Off the runtime's thread, which serves the publish.
+    let publish_command = publish_command.replace("localhost:8080", &here);
+    let publish = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .args(["-c", &publish_command])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run the README's publish")
+    });
+    let publish = tokio::time::timeout(WAIT, publish)
+        .await
+        .expect("the publish timed out")
+        .expect("the publish ran");
     assert!(publish.success());
     while printed.len() < expected.len() {
         printed.push(curl.line().await);
