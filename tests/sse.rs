@@ -642,6 +642,33 @@ async fn a_slow_consumer_is_cut_off_and_comes_back_missing_nothing() {
     );
 }
 
+/// Even through a one-frame queue (half of which is nothing), a replay streams: a frame at a
+/// time as the client reads.
+#[tokio::test]
+async fn a_replay_streams_through_a_one_frame_queue() {
+    let server = TestServer::start(Config::default().queue_capacity(1)).await;
+    let mut sse = Sse::open(server.addr, "channels=tiny", "").await;
+    let (welcome_id, _) = sse.next_event().await;
+    drop(sse);
+    let mut http = server.http().await;
+    for n in 1..=20 {
+        publish(&mut http, "tiny", &json!(n)).await;
+    }
+    let mut back = Sse::open(
+        server.addr,
+        &format!("channels=tiny&last_event_id={welcome_id}"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        back.next_event().await.1["channels"]["tiny"]["recovered"],
+        true
+    );
+    for n in 1..=20 {
+        assert_eq!(back.next_event().await.1["data"], n);
+    }
+}
+
 #[tokio::test]
 async fn with_jwt_auth_a_stream_needs_a_token_and_ends_at_its_expiry() {
     let server = TestServer::start(Config::default().jwt_secret(Some(SECRET.to_owned()))).await;

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(rest);
     if let Ok(id) = EventId::parse(&text) {
         assert_eq!(id.to_string(), text, "accepted ids are canonical");
+        assert_eq!(id.text_len(), text.len());
         assert!(text.len() <= TAG_LEN + MAX_BYTES_PER_CHANNEL * id.positions.len());
         let same_tag = id.tag == ChannelsTag::of(&channels);
         let count = id.positions.len();
@@ -68,6 +69,7 @@ fuzz_target!(|data: &[u8]| {
         positions: positions.clone(),
     };
     let written = id.to_string();
+    assert_eq!(id.text_len(), written.len());
     assert!(written.len() <= TAG_LEN + MAX_BYTES_PER_CHANNEL * positions.len());
     assert_eq!(EventId::parse(&written).as_ref(), Ok(&id), "{written}");
     assert_eq!(

@@ -166,6 +166,17 @@ impl EventId {
         Ok(self.positions)
     }
 
+    /// The length of the id's text.
+    pub fn text_len(&self) -> usize {
+        let digits = |offset: u64| offset.checked_ilog10().map_or(1, |log| log as usize + 1);
+        TAG_LEN
+            + self
+                .positions
+                .iter()
+                .map(|position| 2 + position.epoch.as_str().len() + digits(position.offset))
+                .sum::<usize>()
+    }
+
     /// Writes the id's text to `out`.
     pub fn write_to(&self, out: &mut impl BufMut) {
         self.tag.write_to(out);
@@ -274,6 +285,7 @@ mod tests {
             positions,
         };
         assert_eq!(id.to_string().len(), TAG_LEN + 128 * MAX_BYTES_PER_CHANNEL);
+        assert_eq!(id.text_len(), id.to_string().len());
         assert_eq!(EventId::parse(&id.to_string()), Ok(id));
     }
 

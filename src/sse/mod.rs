@@ -97,8 +97,6 @@ pub struct EventStream {
     channels: Box<[Arc<str>]>,
     /// Where the stream stands in each channel: the id of the next event.
     id: EventId,
-    /// `id: <id>\ndata: ` for the current id; empty once a message moved the id.
-    prefix: Bytes,
     /// Replays still to finish: the index of the channel and the position reached.
     replays: VecDeque<(usize, Position)>,
     phase: Phase,
@@ -193,7 +191,6 @@ impl EventStream {
                 positions,
             },
             channels: opening.channels.into_iter().map(Arc::from).collect(),
-            prefix: Bytes::new(),
             replays,
             phase: Phase::Open,
         }
@@ -230,21 +227,27 @@ impl EventStream {
         }
     }
 
-    /// Turns frames taken from the outbox into one chunk of events.
+    /// Turns frames taken from the outbox into one chunk of events. The `id: <id>\ndata: `
+    /// lines of the chunk share one buffer, freed once hyper has written the chunk; an event
+    /// that leaves the id as it was (a direct send, a broadcast) shares its predecessor's.
     fn events(&mut self, frames: Vec<Bytes>) -> Events {
         let mut events = Events::with_capacity(frames.len() * 3);
         let mut ids = BytesMut::new();
-        for frame in frames {
+        let mut prefix = Bytes::new();
+        let count = frames.len();
+        for (at, frame) in frames.into_iter().enumerate() {
             match server_frame_payload(&frame) {
                 Some((OpCode::Ping, _)) => events.push(HEARTBEAT),
                 Some((OpCode::Text, json)) => {
                     if let Some((channel, offset)) = protocol::message_position(&json) {
-                        self.advance(channel, offset);
+                        if self.advance(channel, offset) {
+                            prefix = Bytes::new();
+                        }
                     }
-                    if self.prefix.is_empty() {
-                        self.prefix = self.write_prefix(&mut ids);
+                    if prefix.is_empty() {
+                        prefix = self.write_prefix(&mut ids, count - at);
                     }
-                    events.push(self.prefix.clone());
+                    events.push(prefix.clone());
                     events.push_data(json);
                     events.push(END);
                 }
@@ -256,25 +259,25 @@ impl EventStream {
         events
     }
 
-    /// Moves the stream's position in `channel` to `offset`.
-    fn advance(&mut self, channel: &str, offset: u64) {
-        if let Some(index) = self.channels.iter().position(|c| &**c == channel) {
-            self.id.positions[index].offset = offset;
-            self.prefix = Bytes::new();
-        }
+    /// Moves the stream's position in `channel` to `offset`; returns whether the stream has
+    /// that channel.
+    fn advance(&mut self, channel: &str, offset: u64) -> bool {
+        let Some(index) = self.channels.iter().position(|c| &**c == channel) else {
+            return false;
+        };
+        self.id.positions[index].offset = offset;
+        true
     }
 
-    /// `id: <id>\ndata: ` for the current id, written into the batch's buffer of ids, which
-    /// the prefixes of one chunk share.
-    fn write_prefix(&self, ids: &mut BytesMut) -> Bytes {
+    /// `id: <id>\ndata: ` for the current id, written into the chunk's buffer of ids, with
+    /// room made for the `frames_left` events of the chunk still to come.
+    fn write_prefix(&self, ids: &mut BytesMut, frames_left: usize) -> Bytes {
         const ID: &[u8] = b"id: ";
         const DATA: &[u8] = b"\ndata: ";
-        let len = ID.len()
-            + event_id::TAG_LEN
-            + event_id::MAX_BYTES_PER_CHANNEL * self.id.positions.len()
-            + DATA.len();
+        // Offsets may gain a digit within a chunk: a little slack for each.
+        let len = ID.len() + self.id.text_len() + 2 * self.id.positions.len() + DATA.len();
         if ids.capacity() - ids.len() < len {
-            ids.reserve(len * 4);
+            ids.reserve(len * frames_left);
         }
         ids.extend_from_slice(ID);
         self.id.write_to(ids);
