@@ -19,8 +19,9 @@ use crate::sse::{EventStream, Events, StreamError};
 pub enum ResponseBody {
     /// The whole body at once.
     Whole(Full<Bytes>),
-    /// An `/sse` stream.
-    Events(EventStream),
+    /// An `/sse` stream. Boxed, so that every other response (and so every HTTP connection's
+    /// state in hyper) stays the size of a whole body.
+    Events(Box<EventStream>),
 }
 
 impl From<Full<Bytes>> for ResponseBody {
@@ -84,7 +85,7 @@ impl Body for ResponseBody {
                         .map_err(|never: Infallible| match never {})
                 })
             }),
-            ResponseBody::Events(stream) => Pin::new(stream)
+            ResponseBody::Events(stream) => Pin::new(&mut **stream)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|frame| frame.map(|frame| frame.map_data(Chunk::Events)))),
         }

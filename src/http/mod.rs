@@ -118,13 +118,14 @@ pub async fn handle(
         .map(ResponseBody::Whole)
 }
 
-/// `/sse`, the one route whose body streams.
+/// `/sse`, the one route whose body streams. Boxed: every request's future (a WebSocket
+/// upgrade's too) would otherwise have room for a stream's admission.
 async fn respond_sse(
     req: &Request<Incoming>,
     state: &AppState,
     slot: &Slot,
 ) -> Response<ResponseBody> {
-    sse::respond(req, state, slot.stream())
+    Box::pin(sse::respond(req, state, slot.stream()))
         .await
         .unwrap_or_else(|err| err.into_response().map(ResponseBody::Whole))
 }

@@ -74,7 +74,7 @@ pub async fn respond(
         },
         watch,
     );
-    let mut response = Response::new(ResponseBody::Events(stream));
+    let mut response = Response::new(ResponseBody::Events(Box::new(stream)));
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
