@@ -157,7 +157,7 @@ impl EventStream {
                     Cursor::Start(since),
                     replay_room(&outbox, capacity),
                 ),
-                // The stream is closing already (a shutdown began); it ends at once.
+                // Refused only to a connection already gone (the channels were checked).
                 Err(_) => CatchUp::Gone,
             };
             let standing = match outcome {
