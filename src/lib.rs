@@ -8,6 +8,8 @@
 //! - [`server`]: the accept loop, connection limit and graceful shutdown.
 //! - [`http`]: routing, the publish API and the WebSocket upgrade (hyper stops here).
 //! - [`connection`]: one WebSocket connection's read loop and vectored write path.
+//! - [`sse`]: Server-Sent Events streams (`/sse`): the response body that pulls a stream's
+//!   frames from its outbox, and the event ids that resume every channel.
 //! - [`ws`]: RFC 6455: handshake validation, the sans-IO frame codec, masking, close codes.
 //! - [`broker`]: where messages go: the in-memory broker, or Redis in cluster mode (with each
 //!   channel's stream and history kept in Redis).
@@ -34,6 +36,7 @@ pub mod protocol;
 pub mod rate;
 pub mod registry;
 pub mod server;
+pub mod sse;
 pub mod ws;
 
 pub use config::Config;

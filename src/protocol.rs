@@ -585,6 +585,22 @@ pub fn message_frame(
     frame.finish()
 }
 
+/// The channel and offset of a channel message's envelope (the payload of a
+/// [`message_frame`]); `None` for any other envelope.
+///
+/// Exists for transports that keep each subscriber's position in every channel next to the
+/// shared frames (the event ids of a Server-Sent Events stream): it reads the fixed start that
+/// [`message_frame`] writes (a valid channel name needs no escaping), not the whole JSON.
+pub fn message_position(json: &[u8]) -> Option<(&str, u64)> {
+    let rest = json.strip_prefix(br#"{"type":"message","channel":""#)?;
+    let end = rest.iter().position(|&byte| byte == b'"')?;
+    let channel = std::str::from_utf8(&rest[..end]).ok()?;
+    let rest = rest[end..].strip_prefix(br#"","offset":"#)?;
+    let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+    let offset = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((channel, offset))
+}
+
 /// `{"type":"direct","from":…,"data":…}`: a message to one client id.
 pub fn direct_frame(from: Option<&str>, payload: Payload<'_>) -> Bytes {
     let mut frame = TextFrame::with_capacity(48 + payload.len_hint());
@@ -789,6 +805,35 @@ pub fn error_frame(id: Option<&RawValue>, code: &str, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_envelopes_give_their_channel_and_offset() {
+        let payload = |frame: &Bytes| frame.slice(server_header_len(frame).unwrap()..);
+        for (channel, offset, from) in [
+            ("news", 1, None),
+            ("room:1/a@b.c-d_E", u64::MAX, Some("alice")),
+            ("x", 0, Some("a\"b")),
+        ] {
+            let frame = message_frame(channel, offset, from, Payload::Text("\"offset\":9"));
+            assert_eq!(
+                message_position(&payload(&frame)),
+                Some((channel, offset)),
+                "{channel}"
+            );
+        }
+        for other in [
+            direct_frame(Some("alice"), Payload::Json(b"1")),
+            broadcast_frame(Payload::Json(b"{}")),
+            gap_frame("news", None),
+            welcome_frame("me", &[]),
+        ] {
+            assert_eq!(message_position(&payload(&other)), None);
+        }
+        assert_eq!(
+            message_position(br#"{"type":"message","channel":"a","offset":x}"#),
+            None
+        );
+    }
 
     fn json_of(frame: &Bytes) -> serde_json::Value {
         let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };

@@ -3,6 +3,8 @@
 //! Every accepted socket takes a permit of the connection limit first; without one it gets a
 //! `503` JSON reply instead of a refused connection. Each HTTP connection is served by hyper
 //! with upgrades enabled; a WebSocket upgrade moves the permit into the connection's own task.
+//! An HTTP connection whose response is an `/sse` stream keeps the permit, and its task drops
+//! the connection when the stream is cut off (see [`crate::sse::Watch`]).
 
 use std::future::Future;
 use std::io;
@@ -13,7 +15,6 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -102,7 +103,7 @@ pub async fn run(
                 stream,
                 peer,
                 Arc::clone(&state),
-                Arc::new(Mutex::new(Some(permit))),
+                Arc::new(http::Slot::new(permit)),
                 close_rx.clone(),
             ),
             Err(_) => {
@@ -145,6 +146,7 @@ fn serve_http(
         .header_read_timeout(state.config.handshake_timeout)
         .max_buf_size(MAX_REQUEST_HEAD);
     tokio::spawn(async move {
+        let watched = Arc::clone(&slot);
         let service = service_fn(move |req| {
             let state = Arc::clone(&state);
             let slot = Arc::clone(&slot);
@@ -154,11 +156,18 @@ fn serve_http(
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
+        // An `/sse` stream cut off while hyper waits for a full socket ends the connection here.
+        let cut_off = watched.stream().cut_off();
+        tokio::pin!(cut_off);
         let result = tokio::select! {
             result = conn.as_mut() => result,
+            () = &mut cut_off => return,
             _ = close_rx.changed() => {
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                tokio::select! {
+                    result = conn => result,
+                    () = cut_off => return,
+                }
             }
         };
         if let Err(err) = result {

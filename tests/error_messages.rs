@@ -24,6 +24,7 @@ use herald::idempotency::KeyError;
 use herald::name::NameError;
 use herald::protocol::{JsonError, Payload, PayloadError, RequestError, parse_request};
 use herald::registry::{Epoch, RecoveryFailure, SubscribeError};
+use herald::sse::event_id::EventIdError;
 use herald::ws::handshake::HandshakeError;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -688,6 +689,19 @@ async fn every_http_error_speaks_to_the_client() {
         )
         .await;
     }
+    walk.expect(&server, get("/sse?format=raw"), 400, "invalid_query")
+        .await;
+    // Last event ids that cannot resume a stream: not one the server sent, one with positions
+    // for two channels, one from a stream of `news` (its tag).
+    for request in [
+        get("/sse?channels=a&last_event_id=nope"),
+        "GET /sse?channels=a HTTP/1.1\r\nhost: x\r\nlast-event-id: 7rn1tq.abcd1234-1.abcd1234-2\r\n\r\n"
+            .to_owned(),
+        get("/sse?channels=a&last_event_id=7rn1tq.abcd1234-1"),
+    ] {
+        walk.expect(&server, request, 400, "invalid_last_event_id")
+            .await;
+    }
     walk.expect(
         &server,
         upgrade("/ws?channels=a%20b"),
@@ -939,8 +953,9 @@ fn http_errors() -> Vec<HttpError> {
         },
         HttpError::InvalidIdempotencyKey(KeyError::InvalidByte),
         HttpError::IdempotencyKeyReused("order-42".to_owned()),
+        HttpError::InvalidLastEventId(EventIdError::OtherChannels),
     ];
-    assert_covers(&examples, 24, |err| match err {
+    assert_covers(&examples, 25, |err| match err {
         HttpError::NotFound => 0,
         HttpError::MethodNotAllowed { .. } => 1,
         HttpError::Handshake(_) => 2,
@@ -965,6 +980,7 @@ fn http_errors() -> Vec<HttpError> {
         HttpError::NotRecovered { .. } => 21,
         HttpError::InvalidIdempotencyKey(_) => 22,
         HttpError::IdempotencyKeyReused(_) => 23,
+        HttpError::InvalidLastEventId(_) => 24,
     });
     examples
 }
@@ -1134,6 +1150,21 @@ fn every_error_variant_speaks_to_the_client() {
             | BrokerError::NotRecovered { .. } => {}
         }
         add("broker", err.to_string());
+    }
+    for err in [
+        EventIdError::Malformed("it does not start with a tag"),
+        EventIdError::ChannelCount {
+            expected: 1,
+            found: 2,
+        },
+        EventIdError::OtherChannels,
+    ] {
+        match err {
+            EventIdError::Malformed(_)
+            | EventIdError::ChannelCount { .. }
+            | EventIdError::OtherChannels => {}
+        }
+        add("last_event_id", err.to_string());
     }
     for (what, message) in &messages {
         assert_fit(what, message);

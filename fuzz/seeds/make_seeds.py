@@ -283,8 +283,28 @@ def broker_wire_seeds():
         write("broker_wire", name, data)
 
 
+def last_event_id_seeds():
+    epoch_bytes = b"k3j9x0ab"
+    seeds = {
+        "one_channel": b"\x01" + b"7rn1tq.k3j9x0ab-12",
+        "two_channels": b"\x02" + b"21ay7s.k3j9x0ab-12.p0o1ax9z-0",
+        "no_channels": b"\x00" + b"j4ux45",
+        "largest_offset": b"\x01" + b"7rn1tq.zzzzzzzz-18446744073709551615",
+        "offset_overflow": b"\x01" + b"7rn1tq.zzzzzzzz-18446744073709551616",
+        "leading_zero": b"\x01" + b"7rn1tq.k3j9x0ab-012",
+        "wrong_count": b"\x01" + b"21ay7s.k3j9x0ab-12.p0o1ax9z-0",
+        "other_tag": b"\x02" + b"000000.k3j9x0ab-1.p0o1ax9z-2",
+        "short_epoch": b"\x01" + b"7rn1tq.k3j9x0a-1",
+        "upper_case": b"\x01" + b"7RN1TQ.K3J9X0AB-1",
+        "trailing_dot": b"\x01" + b"7rn1tq.k3j9x0ab-1.",
+        "build_three": b"\x03" + (epoch_bytes + bytes(range(8))) * 3,
+    }
+    for name, data in seeds.items():
+        write("last_event_id", name, data)
+
+
 if __name__ == "__main__":
-    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token", "broker_wire", "history_query"]:
+    for target in ["decode_frame", "differential", "handshake", "client_request", "publish_body", "mask", "token", "broker_wire", "history_query", "last_event_id"]:
         shutil.rmtree(os.path.join(HERE, target), ignore_errors=True)
     ws_seeds()
     handshake_seeds()
@@ -294,3 +314,4 @@ if __name__ == "__main__":
     token_seeds()
     broker_wire_seeds()
     history_query_seeds()
+    last_event_id_seeds()

@@ -11,11 +11,12 @@
 //! A WebSocket upgrade that carries an `Origin` (every browser sends one) must come from the
 //! same host as the request (the pages Herald serves itself, the demo included), or from one of
 //! `--allowed-origins`; this stops other sites from opening WebSockets with a visitor's cookies
-//! (cross-site WebSocket hijacking).
+//! (cross-site WebSocket hijacking). An `/sse` stream follows the same rule, and names an
+//! allowed origin in `Access-Control-Allow-Origin` so that its page may read the events.
 
 use std::net::SocketAddr;
 
-use hyper::header::{AUTHORIZATION, HOST, HeaderMap, HeaderName, ORIGIN};
+use hyper::header::{AUTHORIZATION, HOST, HeaderMap, HeaderName, HeaderValue, ORIGIN};
 use subtle::ConstantTimeEq as _;
 
 use super::HttpError;
@@ -89,6 +90,20 @@ pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), HttpE
     } else {
         Err(HttpError::OriginNotAllowed)
     }
+}
+
+/// The `Origin` of a request from a browser page that may read the answer (by the rule of
+/// [`check_origin`]), to name in `Access-Control-Allow-Origin`; `None` when the request has no
+/// `Origin`.
+///
+/// # Errors
+/// [`HttpError::OriginNotAllowed`] for an origin [`check_origin`] refuses.
+pub fn cors_origin(
+    headers: &HeaderMap,
+    allowed: &[String],
+) -> Result<Option<HeaderValue>, HttpError> {
+    check_origin(headers, allowed)?;
+    Ok(headers.get(ORIGIN).cloned())
 }
 
 /// Checks one `--allowed-origins` entry: `*`, or `scheme://host[:port]` with an optional
@@ -195,7 +210,6 @@ fn split_port(authority: &str) -> Result<(&str, Option<u16>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::header::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs

@@ -13,6 +13,7 @@ use crate::idempotency::KeyError;
 use crate::name::NameError;
 use crate::protocol::PayloadError;
 use crate::registry::{Epoch, RecoveryFailure};
+use crate::sse::event_id::EventIdError;
 use crate::ws::handshake::HandshakeError;
 
 /// A failed HTTP request. Each variant maps to one status code and one stable error code; the
@@ -34,6 +35,10 @@ pub enum HttpError {
     /// A query parameter of the upgrade request is invalid.
     #[error("{0}")]
     InvalidQuery(String),
+    /// An `/sse` request's last event id (`Last-Event-ID` or `?last_event_id=`) is not one
+    /// this server sent, or is for other channels than `channels=`.
+    #[error("{0}")]
+    InvalidLastEventId(EventIdError),
     /// A channel name in the path or query breaks the naming rules.
     #[error("invalid channel name: {0}")]
     InvalidChannel(NameError),
@@ -184,6 +189,7 @@ impl HttpError {
             HttpError::NotRecovered { .. } => StatusCode::CONFLICT,
             HttpError::Handshake(_)
             | HttpError::InvalidQuery(_)
+            | HttpError::InvalidLastEventId(_)
             | HttpError::InvalidChannel(_)
             | HttpError::InvalidClientId(_)
             | HttpError::TooManySubscriptions(_)
@@ -203,6 +209,7 @@ impl HttpError {
             HttpError::Handshake(HandshakeError::NotUpgrade) => "not_websocket_upgrade",
             HttpError::Handshake(_) => "invalid_handshake",
             HttpError::InvalidQuery(_) => "invalid_query",
+            HttpError::InvalidLastEventId(_) => "invalid_last_event_id",
             HttpError::InvalidChannel(_) => "invalid_channel",
             HttpError::InvalidClientId(_) => "invalid_client_id",
             HttpError::TooManySubscriptions(_) => "too_many_subscriptions",

@@ -8,6 +8,7 @@
 //! | `/healthz` | GET | `ok` while the server runs |
 //! | `/readyz` | GET | ready to take publishes (in cluster mode: subscribed in Redis) |
 //! | `/ws` | GET | WebSocket for subscribers (`channels`, `client_id`, `format`, `token` query) |
+//! | `/sse` | GET | Server-Sent Events for subscribers (`channels`, `client_id`, `last_event_id`, `token` query) |
 //! | `/echo` | GET | WebSocket that echoes every message (conformance testing) |
 //! | `/api/publish/{channel}` | POST | publish the body to a channel |
 //! | `/api/send/{client_id}` | POST | send the body to every connection of a client |
@@ -19,13 +20,17 @@
 //!
 //! `/api/*` and `/metrics` need an API key when keys are configured, and a loopback client that
 //! did not come through a proxy otherwise (`--public-metrics` opens `/metrics`); a WebSocket
-//! upgrade from a browser must come from an allowed origin (see `access`), and `/ws`
-//! needs a client token when a JWT key is configured (see [`crate::auth`]).
+//! upgrade (or `/sse` stream) from a browser must come from an allowed origin (see `access`),
+//! and `/ws` and `/sse` need a client token when a JWT key is configured (see [`crate::auth`]).
+//!
+//! Every route answers with a whole body but `/sse`, whose body streams (see `body`).
 
 mod access;
 mod api;
+mod body;
 mod demo;
 mod error;
+mod sse;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -42,9 +47,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::sse::Watch;
 
 pub use access::parse_allowed_origin;
 pub use api::{HISTORY_PAGE_MAX, decode_segment, parse_history_query};
+pub use body::{Chunk, ResponseBody};
 pub use error::{HttpError, MAX_HEADER_BYTES, MAX_URI_BYTES, json_response};
 pub use upgrade::parse_query;
 
@@ -60,10 +67,39 @@ pub struct AppState {
     pub verifier: Option<Arc<Verifier>>,
 }
 
-/// The connection-limit permit of one TCP connection. The HTTP connection holds it; an upgrade
-/// takes it out and moves it into the WebSocket task, so the limit counts each socket once for
-/// its whole life.
-pub type ConnectionSlot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+/// One TCP connection's share of the server, for its whole life: its permit under the
+/// connection limit, and the watch on the `/sse` stream its response carries.
+#[derive(Debug)]
+pub struct Slot {
+    /// The HTTP connection holds it; an upgrade takes it out and moves it into the WebSocket
+    /// task, so the limit counts each socket once for its whole life.
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Polled by the connection's task next to hyper (see [`Watch`]).
+    stream: Watch,
+}
+
+impl Slot {
+    /// The slot of a connection that holds `permit`.
+    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            permit: Mutex::new(Some(permit)),
+            stream: Watch::default(),
+        }
+    }
+
+    /// Takes the permit out, for a connection that moves to a task of its own (an upgrade).
+    pub fn take_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permit.lock().take()
+    }
+
+    /// The watch on the connection's `/sse` stream.
+    pub fn stream(&self) -> &Watch {
+        &self.stream
+    }
+}
+
+/// The [`Slot`] of one TCP connection, shared by its task and its requests.
+pub type ConnectionSlot = Arc<Slot>;
 
 /// Answers one HTTP request.
 pub async fn handle(
@@ -71,10 +107,27 @@ pub async fn handle(
     state: Arc<AppState>,
     slot: ConnectionSlot,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    route(req, &state, &slot, peer)
-        .await
+) -> Response<ResponseBody> {
+    let answer = match check_head_size(&req) {
+        Ok(()) if req.uri().path() == "/sse" => return respond_sse(&req, &state, &slot).await,
+        Ok(()) => route(req, &state, &slot, peer).await,
+        Err(err) => Err(err),
+    };
+    answer
         .unwrap_or_else(HttpError::into_response)
+        .map(ResponseBody::Whole)
+}
+
+/// `/sse`, the one route whose body streams. Boxed: every request's future (a WebSocket
+/// upgrade's too) would otherwise have room for a stream's admission.
+async fn respond_sse(
+    req: &Request<Incoming>,
+    state: &AppState,
+    slot: &Slot,
+) -> Response<ResponseBody> {
+    Box::pin(sse::respond(req, state, slot.stream()))
+        .await
+        .unwrap_or_else(|err| err.into_response().map(ResponseBody::Whole))
 }
 
 async fn route(
@@ -83,7 +136,6 @@ async fn route(
     slot: &ConnectionSlot,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
-    check_head_size(&req)?;
     let path = req.uri().path().to_owned();
     let operator_route =
         path.starts_with("/api/") || (path == "/metrics" && !state.config.public_metrics);

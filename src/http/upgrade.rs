@@ -1,5 +1,5 @@
 //! The WebSocket upgrade: checks the handshake and the query, replies `101`, and hands the
-//! raw TCP stream to [`crate::connection::run`].
+//! raw TCP stream to [`crate::connection::run`]. [`admit`] admits `/sse` streams the same way.
 
 use std::sync::Arc;
 
@@ -21,13 +21,15 @@ use crate::name;
 use crate::registry::{Epoch, Format, Position, Recovery};
 use crate::ws::handshake;
 
-/// Which WebSocket endpoint was asked for.
+/// Which subscriber endpoint was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     /// `/ws`: subscriptions and the JSON protocol (or raw delivery).
     Notify,
     /// `/echo`: echoes every message.
     Echo,
+    /// `/sse`: a Server-Sent Events stream (no upgrade, the same admission as `/ws`).
+    Events,
 }
 
 /// Upgrades `req` to a WebSocket served by our own connection loop.
@@ -41,7 +43,7 @@ pub fn websocket(
     let query = req.uri().query().unwrap_or("");
     let session = admit(state, req.headers(), query, endpoint)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let permit = slot.lock().take();
+    let permit = slot.take_permit();
     let broker = state.broker.clone();
     let max_message_bytes = state.config.max_message_bytes;
     // This task only waits for the upgrade; the connection gets a task of its own, so that
@@ -104,7 +106,9 @@ pub fn admit(
         None => None,
     };
     let mut session = match endpoint {
-        Endpoint::Notify => parse_query(query, &state.config)?,
+        Endpoint::Notify | Endpoint::Events => {
+            parse_subscriber_query(query, &state.config, endpoint)?
+        }
         Endpoint::Echo => {
             check_echo_query(query)?;
             Session {
@@ -151,6 +155,8 @@ pub fn admit(
 /// The query parameters `/ws` takes; any other is refused, so that a misspelt one
 /// (`?chanels=news`) is an error instead of a connection that silently gets nothing.
 const WS_PARAMETERS: &str = "channels, client_id, format, since, token";
+/// The query parameters `/sse` takes, by the same rule.
+const SSE_PARAMETERS: &str = "channels, client_id, last_event_id, token";
 
 /// Reads `channels`, `client_id` and `format` from the `/ws` query; `token` is read by the
 /// auth check, when auth is on (and ignored otherwise). `channels` may be given more than
@@ -160,16 +166,29 @@ const WS_PARAMETERS: &str = "channels, client_id, format, since, token";
 /// The first invalid, unknown or repeated parameter, as an [`HttpError`] (all of them answer
 /// `400`).
 pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Session, HttpError> {
+    parse_subscriber_query(query, config, Endpoint::Notify)
+}
+
+/// [`parse_query`] for `/ws` or `/sse`: a stream takes `channels`, `client_id` and `token` the
+/// same way, and `last_event_id` (read by the stream) instead of `format` and `since`.
+fn parse_subscriber_query(
+    query: &str,
+    config: &crate::config::Config,
+    endpoint: Endpoint,
+) -> Result<Session, HttpError> {
+    let stream = endpoint == Endpoint::Events;
     let mut channels: Vec<String> = Vec::new();
     let mut client_id = None;
     let mut format = None;
     let mut token = false;
     let mut since = None;
+    let mut last_event_id = false;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let repeated = match &*key {
             "client_id" => client_id.is_some(),
-            "format" => format.is_some(),
-            "since" => since.is_some(),
+            "format" if !stream => format.is_some(),
+            "since" if !stream => since.is_some(),
+            "last_event_id" if stream => std::mem::replace(&mut last_event_id, true),
             "token" => std::mem::replace(&mut token, true),
             _ => false,
         };
@@ -194,7 +213,7 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
                 name::validate(&value).map_err(HttpError::InvalidClientId)?;
                 client_id = Some(value.into_owned());
             }
-            "format" => {
+            "format" if !stream => {
                 format = Some(match &*value {
                     "json" => Format::Json,
                     "raw" => Format::Raw,
@@ -205,8 +224,10 @@ pub fn parse_query(query: &str, config: &crate::config::Config) -> Result<Sessio
                     }
                 });
             }
-            "since" => since = Some(parse_positions(&value)?),
+            "since" if !stream => since = Some(parse_positions(&value)?),
+            "last_event_id" if stream => {}
             "token" => {}
+            _ if stream => return Err(unknown_parameter(&key, SSE_PARAMETERS)),
             _ => return Err(unknown_parameter(&key, WS_PARAMETERS)),
         }
     }

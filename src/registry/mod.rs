@@ -39,7 +39,7 @@ pub use channels::RETENTION_MS;
 pub use history::{Epoch, Fetched, Position, Recovery, RecoveryFailure, Standing};
 use history::{HistoryBudget, HistoryLimits};
 pub use interest::{Interest, Topic};
-pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal};
+pub use outbox::{CloseReason, Flushed, Outbox, Push, Signal, Sink, Taken};
 use shard::{Delivery, Entry, Fanout, Keys, Shard, ShardState};
 
 /// How a connection wants its messages.
@@ -322,9 +322,26 @@ impl Registry {
         socket: Option<Arc<TcpStream>>,
         held: bool,
     ) -> Registration {
+        self.add(
+            client_id,
+            format,
+            socket.map_or(Sink::Detached, Sink::Socket),
+            held,
+        )
+    }
+
+    /// Adds a json connection whose frames its owner takes itself ([`Outbox::poll_take`]): a
+    /// Server-Sent Events stream, whose bytes hyper writes. Everything else is as for
+    /// [`Registry::register`]: the same queue and slow-consumer rule, pings (which the owner
+    /// turns into its own heartbeat), and no idle timeout, since its client cannot send.
+    pub fn register_pulled(&self, client_id: Arc<str>, held: bool) -> Registration {
+        self.add(client_id, Format::Json, Sink::Pulled, held)
+    }
+
+    fn add(&self, client_id: Arc<str>, format: Format, sink: Sink, held: bool) -> Registration {
         let inner = &*self.inner;
         let shard_index = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len();
-        let outbox = Arc::new(Outbox::new(socket, inner.clock.now_ms(), held));
+        let outbox = Arc::new(Outbox::new(sink, inner.clock.now_ms(), held));
         let mut state = inner.shards[shard_index].state.lock();
         let generation = state.next_generation;
         state.next_generation = generation.wrapping_add(1);

@@ -6,6 +6,11 @@
 //! own task, which waits for the socket to drain; the writer never waits. When a push finds the
 //! queue full, the connection is marked for closing as a slow consumer, so nobody else waits
 //! for it either.
+//!
+//! Where the frames go is the outbox's [`Sink`]: a WebSocket's socket, which a flush writes to;
+//! or, for a stream whose bytes someone else writes (a Server-Sent Events response, which hyper
+//! owns), the owner itself, which takes the frames with [`Outbox::poll_take`] and which a flush
+//! only wakes. Either way the queue, its capacity and the slow-consumer rule are the same.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -86,6 +91,31 @@ pub enum Push {
     Closing,
 }
 
+/// Where an outbox's frames go: the one owner of the connection's outgoing bytes.
+#[derive(Debug)]
+pub enum Sink {
+    /// Nowhere: frames just queue until [`Outbox::clear`] (connections without a socket, as in
+    /// benchmarks).
+    Detached,
+    /// A WebSocket: whoever flushes (the shard writer, or the connection's own task) writes the
+    /// queued frames straight to this socket.
+    Socket(Arc<TcpStream>),
+    /// A stream whose owner writes the bytes itself (a Server-Sent Events response body, which
+    /// hyper polls): it takes the frames with [`Outbox::poll_take`], and a flush only wakes it.
+    /// Its client has no way to send anything, so it is never closed as idle.
+    Pulled,
+}
+
+/// What [`Outbox::poll_take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Queued frames were moved out.
+    Frames,
+    /// The connection must close; frames queued before the close are left in the queue, for
+    /// [`Outbox::take`] when the close lets them be delivered.
+    Close(CloseReason),
+}
+
 /// What the connection task is told when it waits on its outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -105,8 +135,8 @@ pub struct Outbox {
     /// When the client last sent anything, in milliseconds of the registry's clock; written by
     /// the connection task, read by the shard's housekeeping.
     last_active_ms: AtomicU64,
-    /// The socket frames are written to; `None` for connections without one (benchmarks).
-    socket: Option<Arc<TcpStream>>,
+    /// Where the frames go.
+    sink: Sink,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +154,7 @@ struct State {
     /// first frame together.
     held: bool,
     close: Option<CloseReason>,
-    /// The connection task's waker, when it is waiting.
+    /// The connection task's waker (a pulled stream's owner's), when it is waiting.
     waker: Option<Waker>,
 }
 
@@ -140,17 +170,23 @@ pub enum Flushed {
 }
 
 impl Outbox {
-    /// An empty outbox writing to `socket`, for a client last active at `now_ms`; a `held`
-    /// one writes nothing until [`Outbox::release`].
-    pub fn new(socket: Option<Arc<TcpStream>>, now_ms: u64, held: bool) -> Self {
+    /// An empty outbox sending to `sink`, for a client last active at `now_ms`; a `held` one
+    /// hands out nothing until [`Outbox::release`].
+    pub fn new(sink: Sink, now_ms: u64, held: bool) -> Self {
         Self {
             state: Mutex::new(State {
                 held,
                 ..State::default()
             }),
             last_active_ms: AtomicU64::new(now_ms),
-            socket,
+            sink,
         }
+    }
+
+    /// Whether the frames are taken by the stream's owner ([`Sink::Pulled`]), whose client
+    /// cannot send (and so is never idle-closed).
+    pub fn is_pulled(&self) -> bool {
+        matches!(self.sink, Sink::Pulled)
     }
 
     /// Queues `frame` unless that would put more than `capacity` frames in the queue. Does not
@@ -187,8 +223,13 @@ impl Outbox {
     }
 
     fn flush_inner(&self, metrics: &Metrics, closing: bool) -> Flushed {
-        let Some(socket) = &self.socket else {
-            return Flushed::Done;
+        let socket = match &self.sink {
+            Sink::Socket(socket) => socket,
+            Sink::Detached => return Flushed::Done,
+            Sink::Pulled => {
+                self.wake_taker();
+                return Flushed::Done;
+            }
         };
         let (mut batch, mut head) = {
             let mut state = self.state.lock();
@@ -247,6 +288,51 @@ impl Outbox {
             wake(waker);
             return outcome;
         }
+    }
+
+    /// A pulled outbox's flush: wakes the owner if frames wait for it.
+    fn wake_taker(&self) {
+        let waker = {
+            let mut state = self.state.lock();
+            if state.held || state.frames.is_empty() {
+                return;
+            }
+            state.waker.take()
+        };
+        wake(waker);
+    }
+
+    /// For the owner of a pulled stream ([`Sink::Pulled`]): moves up to `max` queued frames
+    /// into `into` ([`Taken::Frames`]), or says that the connection must close; otherwise
+    /// leaves the waker of `cx` for the next flush or close to wake. Frames taken no longer
+    /// count toward the capacity: the owner hands them straight to its writer.
+    pub fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<Taken> {
+        let mut state = self.state.lock();
+        if let Some(reason) = state.close {
+            return Poll::Ready(Taken::Close(reason));
+        }
+        if !state.held && !state.frames.is_empty() {
+            take_front(state, into, max);
+            return Poll::Ready(Taken::Frames);
+        }
+        match &mut state.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            slot @ None => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Moves up to `max` queued frames into `into` whatever the state, for a pulled stream
+    /// that delivers what was queued before its close; returns how many.
+    pub fn take(&self, into: &mut Vec<Bytes>, max: usize) -> usize {
+        let before = into.len();
+        take_front(self.state.lock(), into, max);
+        into.len() - before
     }
 
     /// Ends the hold of a held outbox, putting `first` in front of everything queued
@@ -340,6 +426,18 @@ impl Outbox {
     }
 }
 
+/// Moves up to `max` frames from the front of the queue into `into`. Taking them all leaves
+/// the queue without its allocation, as an idle connection's should be.
+fn take_front(mut state: parking_lot::MutexGuard<'_, State>, into: &mut Vec<Bytes>, max: usize) {
+    if state.frames.len() <= max {
+        let all = std::mem::take(&mut state.frames);
+        drop(state);
+        into.extend(all);
+    } else {
+        into.extend(state.frames.drain(..max));
+    }
+}
+
 fn wake(waker: Option<Waker>) {
     if let Some(waker) = waker {
         waker.wake();
@@ -396,7 +494,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_once() {
-        let outbox = Outbox::new(None, 0, false);
+        let outbox = Outbox::new(Sink::Detached, 0, false);
         assert_eq!(
             outbox.push(Bytes::from_static(b"a"), 2),
             Push::Queued { first: true }
@@ -418,7 +516,7 @@ mod tests {
 
     #[test]
     fn close_keeps_only_a_partly_written_frame() {
-        let outbox = Outbox::new(None, 0, false);
+        let outbox = Outbox::new(Sink::Detached, 0, false);
         outbox.push(Bytes::from_static(b"aa"), 8);
         outbox.push(Bytes::from_static(b"bb"), 8);
         outbox.state.lock().head_written = 1;
@@ -428,5 +526,78 @@ mod tests {
             frames,
             [Bytes::from_static(b"aa"), Bytes::from_static(b"close")]
         );
+    }
+
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Waker, Arc<std::sync::atomic::AtomicUsize>) {
+        struct Count(Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(Arc::clone(&count)))), count)
+    }
+
+    #[test]
+    fn a_pulled_outbox_is_woken_by_flush_and_taken_by_its_owner() {
+        let metrics = Metrics::new();
+        let outbox = Outbox::new(Sink::Pulled, 0, true);
+        let (waker, wakes) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut taken = Vec::new();
+        outbox.push(Bytes::from_static(b"queued while held"), 8);
+        assert_eq!(
+            outbox.poll_take(&mut cx, &mut taken, 8),
+            Poll::Pending,
+            "held"
+        );
+        outbox.release(Some(Bytes::from_static(b"first")));
+        outbox.flush(&metrics);
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            1,
+            "the flush after release wakes"
+        );
+        assert_eq!(
+            outbox.poll_take(&mut cx, &mut taken, 1),
+            Poll::Ready(Taken::Frames)
+        );
+        assert_eq!(taken, [Bytes::from_static(b"first")], "at most max frames");
+        assert_eq!(outbox.depth(), 1);
+        assert_eq!(
+            outbox.poll_take(&mut cx, &mut taken, 8),
+            Poll::Ready(Taken::Frames)
+        );
+        assert_eq!(outbox.depth(), 0, "taken frames leave the queue");
+        assert_eq!(outbox.poll_take(&mut cx, &mut taken, 8), Poll::Pending);
+        outbox.flush(&metrics);
+        assert_eq!(wakes.load(Ordering::Relaxed), 1, "nothing queued: no wake");
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"live"), 8),
+            Push::Queued { first: true }
+        );
+        outbox.flush(&metrics);
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            2,
+            "a push and its flush wake"
+        );
+        outbox.push(Bytes::from_static(b"before the close"), 8);
+        outbox.close(CloseReason::GoingAway);
+        assert_eq!(
+            outbox.poll_take(&mut cx, &mut taken, 8),
+            Poll::Ready(Taken::Close(CloseReason::GoingAway))
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            outbox.take(&mut rest, 8),
+            2,
+            "what was queued before the close"
+        );
+        assert_eq!(outbox.take(&mut rest, 8), 0);
+        assert!(outbox.is_pulled());
+        assert!(!Outbox::new(Sink::Detached, 0, false).is_pulled());
     }
 }

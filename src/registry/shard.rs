@@ -331,7 +331,9 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
 }
 
 /// The housekeeping task: pings quiet connections, closes idle ones, and (on shard 0) forgets
-/// abandoned channels. Ends when the registry is dropped.
+/// abandoned channels. A pulled stream (Server-Sent Events) is pinged every ping interval but
+/// never closed as idle: its client has no way to send anything. Ends when the registry is
+/// dropped.
 pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) {
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -350,7 +352,7 @@ pub async fn run_housekeeping(inner: Weak<Inner>, index: usize, tick: Duration) 
                 if entry.outbox.close(CloseReason::TokenExpired) {
                     tracing::debug!(client_id = %entry.client_id, "closing: token expired");
                 }
-            } else if quiet >= limits.idle_timeout_ms {
+            } else if quiet >= limits.idle_timeout_ms && !entry.outbox.is_pulled() {
                 if entry.outbox.close(CloseReason::IdleTimeout) {
                     tracing::debug!(client_id = %entry.client_id, "closing idle connection");
                 }

@@ -462,6 +462,33 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The opcode and payload of `frame`, one whole final unmasked frame as [`encode_frame`] (or a
+/// frame built in place with [`frame_header`]) makes it; `None` for anything else.
+///
+/// Exists for transports that carry the server's messages without WebSocket framing (Server-Sent
+/// Events): a message's frame is built once for every subscriber, and each of them takes the
+/// payload as a slice of the same bytes, without a copy.
+pub fn server_frame_payload(frame: &Bytes) -> Option<(OpCode, Bytes)> {
+    let [first, second, ..] = frame[..] else {
+        return None;
+    };
+    if first & 0xF0 != 0x80 {
+        return None;
+    }
+    let opcode = OpCode::from_u8(first & 0x0F)?;
+    let (header, len) = match second {
+        0..=125 => (2, u64::from(second)),
+        126 => (
+            4,
+            u64::from(u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?)),
+        ),
+        127 => (10, u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?)),
+        _ => return None,
+    };
+    let payload = frame.get(header..)?;
+    (payload.len() as u64 == len).then(|| (opcode, frame.slice(header..)))
+}
+
 /// Encodes a server close frame with `code` and `reason`.
 ///
 /// Exists so the server can start or answer the closing handshake; the reason
@@ -501,6 +528,30 @@ pub fn encode_masked(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_frames_give_back_their_payload() {
+        for len in [0, 1, 125, 126, 300, 0xFFFF, 0x1_0000] {
+            let payload = vec![b'x'; len];
+            let frame = encode_frame(OpCode::Text, &payload);
+            let (opcode, got) = server_frame_payload(&frame).expect("a server frame");
+            assert_eq!((opcode, &got[..]), (OpCode::Text, &payload[..]), "{len}");
+            assert!(server_frame_payload(&frame.slice(..frame.len() - 1)).is_none());
+        }
+        let ping = encode_frame(OpCode::Ping, b"");
+        assert_eq!(
+            server_frame_payload(&ping),
+            Some((OpCode::Ping, Bytes::new()))
+        );
+        let masked = Bytes::from(encode_masked(OpCode::Text, true, b"hi", [1, 2, 3, 4]));
+        assert!(
+            server_frame_payload(&masked).is_none(),
+            "client frames are not ours"
+        );
+        let unfinished = Bytes::from_static(&[0x01, 0x00]);
+        assert!(server_frame_payload(&unfinished).is_none());
+        assert!(server_frame_payload(&Bytes::from_static(&[0x81])).is_none());
+    }
 
     const MASK: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
     const LIMIT: usize = 1 << 20;

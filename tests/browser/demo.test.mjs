@@ -636,3 +636,71 @@ test('cluster: the status shows when the node loses Redis, and recovers', {
   assert.equal(await page.locator('#status-box').getAttribute('data-state'), 'open');
   await waitForText(page, '#notifications', 'Messages of news may have been missed', 'the gap is shown');
 }));
+
+test('an EventSource gets the events, and its own reconnect after a slow-consumer drop recovers every message once', {
+  skip: HERALD_BIN ? false : 'HERALD_BIN not set (scripts/browser-test.sh sets it)',
+}, withArtifacts(async () => {
+  // A queue of 4 frames: a burst of publishes overflows it, and the server drops the stream.
+  const { url } = await startHerald(['--queue-capacity', '4', '--history-size', '5000']);
+  const publish = async (channel, body) => {
+    const res = await fetch(`${url}/api/publish/${channel}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(TIMEOUT),
+    });
+    const text = await res.text();
+    assert.equal(res.status, 200, text);
+    return JSON.parse(text).offset;
+  };
+  const stats = async () => (await fetch(`${url}/api/stats`, { signal: AbortSignal.timeout(TIMEOUT) })).json();
+  // Any page of the server's origin will do: the stream is opened by the page's own script.
+  const page = await openClient('sse', `${url}/healthz`);
+  await page.evaluate(() => {
+    window.sse = { events: [], opens: 0, errors: 0 };
+    const source = new EventSource('/sse?channels=burst,other');
+    source.onopen = () => { window.sse.opens += 1; };
+    source.onerror = () => { window.sse.errors += 1; };
+    source.onmessage = (event) => {
+      window.sse.events.push({ id: event.lastEventId, data: JSON.parse(event.data) });
+    };
+  });
+  const seen = () => page.evaluate(() => window.sse);
+  await until('the welcome arrives', async () => (await seen()).events.length === 1);
+  const [welcome] = (await seen()).events;
+  assert.equal(welcome.data.type, 'welcome');
+  assert.ok(welcome.id, 'the welcome has an id');
+
+  for (const n of [1, 2]) await publish('other', { other: n });
+  await publish('burst', { n: 0 });
+  await until('the first messages arrive', async () => (await seen()).events.length === 4);
+
+  // Bursts of concurrent publishes until the server drops the stream as a slow consumer.
+  let last = 1;
+  for (let burst = 0; (await stats()).slow_consumer_drops === 0; burst += 1) {
+    assert.ok(burst < 50, 'the stream was never dropped');
+    const offsets = await Promise.all(Array.from({ length: 40 }, (_, i) => publish('burst', { burst, i })));
+    last = Math.max(last, ...offsets);
+  }
+  // EventSource reconnects by itself, with the id of the last event it got in Last-Event-ID.
+  await until('the browser reconnected and caught up', async () => {
+    const { events, opens } = await seen();
+    return opens >= 2 && events.some((e) => e.data.channel === 'burst' && e.data.offset === last);
+  }, 60_000);
+  const { events, opens, errors } = await seen();
+  assert.ok(errors >= 1 && opens >= 2, `dropped and reopened: ${errors} errors, ${opens} opens`);
+  const welcomes = events.filter((e) => e.data.type === 'welcome');
+  assert.equal(welcomes.length, opens, 'a welcome per connection');
+  for (const again of welcomes.slice(1)) {
+    assert.deepEqual(again.data.channels.burst.recovered, true, JSON.stringify(again.data));
+    assert.deepEqual(again.data.channels.other.recovered, true, JSON.stringify(again.data));
+  }
+  const offsets = (channel) => events.filter((e) => e.data.channel === channel).map((e) => e.data.offset);
+  assert.deepEqual(offsets('other'), [1, 2], 'nothing of the other channel twice');
+  assert.deepEqual(offsets('burst'), Array.from({ length: last }, (_, i) => i + 1),
+    'every message of the burst channel once, in order');
+  // The id: the channel list's tag, then each channel's epoch and the offset it got to.
+  const { burst, other } = welcome.data.channels;
+  const [, burstAt, otherAt] = events[events.length - 1].id.split('.');
+  assert.deepEqual([burstAt, otherAt], [`${burst.epoch}-${last}`, `${other.epoch}-2`]);
+}));

@@ -1,5 +1,7 @@
-//! `idle`: hold C idle WebSocket connections and read the server's resident memory before and
-//! after, for the bytes each connection costs the server. Source addresses are spread over
+//! `idle`: hold C idle connections and read the server's resident memory before and after, for
+//! the bytes each connection costs the server. The connections are WebSockets (a `ws://` URL)
+//! or Server-Sent Events streams (an `http://` URL such as Herald's `/sse`), so that the two
+//! transports can be measured against the same server. Source addresses are spread over
 //! 127.0.0.x so more than one address's worth of ephemeral ports could be used, and the
 //! open-file limit is raised to its hard limit first.
 
@@ -20,8 +22,9 @@ use crate::{Common, spawn_worker};
 /// Options of `idle`.
 #[derive(Debug, Args, Clone)]
 pub struct IdleArgs {
-    /// WebSocket URL to connect to, e.g. `ws://127.0.0.1:8080/ws?channels=idle` (`{i}` is
-    /// replaced by the connection's index).
+    /// URL to connect to: a WebSocket, e.g. `ws://127.0.0.1:8080/ws?channels=idle`, or an
+    /// event stream, e.g. `http://127.0.0.1:8080/sse?channels=idle` (`{i}` is replaced by the
+    /// connection's index).
     #[arg(long)]
     pub url: String,
     /// Connections to hold (each needs a file descriptor here: stay below the open-file limit).
@@ -38,6 +41,8 @@ pub struct IdleArgs {
 #[derive(Debug)]
 struct Shared {
     url: Url,
+    /// The URL is an event stream's (`http://`), not a WebSocket's.
+    events: bool,
     connections: usize,
     threads: usize,
     spread: usize,
@@ -64,6 +69,7 @@ pub fn run(args: IdleArgs, common: &Common) -> Result<Report, String> {
     let (stop, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         url: Url::parse(&args.url)?,
+        events: args.url.starts_with("http://"),
         connections: args.connections,
         threads,
         spread: common.spread,
@@ -116,6 +122,14 @@ pub fn run(args: IdleArgs, common: &Common) -> Result<Report, String> {
     progress_done(common.quiet);
 
     let mut report = Report::new("idle");
+    report.set(
+        "transport",
+        if shared.events {
+            "server-sent events"
+        } else {
+            "websocket"
+        },
+    );
     report.set("connections", args.connections);
     report.set("threads", threads);
     report.set("connected", connected);
@@ -161,7 +175,11 @@ async fn hold(i: usize, shared: &Shared, semaphore: &Semaphore) {
     let opened = async {
         let _permit = semaphore.acquire().await.map_err(io::Error::other)?;
         let stream = ws::connect(url.addr, spread_source(url.addr, i, shared.spread), None).await?;
-        ws::handshake(&stream, &url, shared.handshake_timeout).await?;
+        if shared.events {
+            ws::open_event_stream(&stream, &url, shared.handshake_timeout).await?;
+        } else {
+            ws::handshake(&stream, &url, shared.handshake_timeout).await?;
+        }
         Ok::<_, io::Error>(stream)
     }
     .await;
@@ -185,6 +203,10 @@ async fn hold(i: usize, shared: &Shared, semaphore: &Semaphore) {
             Err(_) => break,
         };
         quickack(&stream);
+        if shared.events {
+            // Events and heartbeats need no answer.
+            continue;
+        }
         let mut pong = None;
         let mut closed = false;
         scanner.feed(&buf[..n], |op, payload, _| match op {

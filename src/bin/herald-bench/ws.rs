@@ -136,12 +136,59 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
         url.path, url.host
     );
     write_all(stream, request.as_bytes()).await?;
+    let (head, rest) = read_head(stream).await?;
+    let status_line = head.lines().next().unwrap_or("");
+    if !status_line.starts_with("HTTP/1.1 101") {
+        return Err(io::Error::other(format!("upgrade refused: {status_line}")));
+    }
+    let expected = derive_accept_key(key.as_bytes());
+    if header(&head, "sec-websocket-accept") != Some(expected.as_str()) {
+        return Err(io::Error::other("wrong or missing Sec-WebSocket-Accept"));
+    }
+    Ok(rest)
+}
+
+/// Opens a Server-Sent Events stream (`GET` with `Accept: text/event-stream`) on `stream` for
+/// `url` within `limit`, and checks for `200` with `Content-Type: text/event-stream`. Returns
+/// any bytes of the stream the server sent after its head.
+pub async fn open_event_stream(
+    stream: &TcpStream,
+    url: &Url,
+    limit: Duration,
+) -> io::Result<Vec<u8>> {
+    let open = async {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            url.path, url.host
+        );
+        write_all(stream, request.as_bytes()).await?;
+        let (head, rest) = read_head(stream).await?;
+        let status_line = head.lines().next().unwrap_or("");
+        if !status_line.starts_with("HTTP/1.1 200") {
+            return Err(io::Error::other(format!("stream refused: {status_line}")));
+        }
+        if !header(&head, "content-type").is_some_and(|t| t.starts_with("text/event-stream")) {
+            return Err(io::Error::other("the reply is not text/event-stream"));
+        }
+        Ok(rest)
+    };
+    match tokio::time::timeout(limit, open).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "opening the stream timed out",
+        )),
+    }
+}
+
+/// Reads an HTTP response head; returns it and the bytes read past it.
+async fn read_head(stream: &TcpStream) -> io::Result<(String, Vec<u8>)> {
     let mut buf = vec![0u8; 4096];
     let mut have = 0;
     let end = loop {
         if have == buf.len() {
             if buf.len() >= 64 * 1024 {
-                return Err(io::Error::other("handshake response headers too long"));
+                return Err(io::Error::other("response headers too long"));
             }
             buf.resize(buf.len() * 2, 0);
         }
@@ -150,7 +197,7 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "closed during handshake",
+                    "closed before the response head",
                 ));
             }
             Ok(n) => have += n,
@@ -162,23 +209,19 @@ async fn handshake_inner(stream: &TcpStream, url: &Url) -> io::Result<Vec<u8>> {
         }
     };
     let head = std::str::from_utf8(&buf[..end])
-        .map_err(|_| io::Error::other("non-UTF-8 response head"))?;
-    let status_line = head.lines().next().unwrap_or("");
-    if !status_line.starts_with("HTTP/1.1 101") {
-        return Err(io::Error::other(format!("upgrade refused: {status_line}")));
-    }
-    let expected = derive_accept_key(key.as_bytes());
-    let accept = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("sec-websocket-accept")
-            .then(|| value.trim())
-    });
-    if accept != Some(expected.as_str()) {
-        return Err(io::Error::other("wrong or missing Sec-WebSocket-Accept"));
-    }
+        .map_err(|_| io::Error::other("non-UTF-8 response head"))?
+        .to_owned();
     buf.truncate(have);
     buf.drain(..end);
-    Ok(buf)
+    Ok((head, buf))
+}
+
+/// The value of header `name` in a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
 }
 
 /// Appends one masked client frame (FIN set) carrying `payload` to `out`.
