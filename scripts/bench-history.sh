@@ -119,8 +119,8 @@ print(f"\n### History on vs off (run {run_id}, medians of {max([r['run'] for r i
 for scenario in scenarios:
     if scenario.startswith("fanout"):
         print(f"\n{scenario}:\n")
-        print("| --history-size | deliveries/s | p99 ms | server CPU-s per M deliveries | bench core busy % | lost | duplicates | runs (deliveries/s) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| --history-size | deliveries/s | p99 ms | server CPU-s per M deliveries | server's own CPU % | bench core busy % | lost | duplicates | runs (deliveries/s) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         cells = {}
         for size in sizes:
             rs = runs(scenario, size)
@@ -128,15 +128,26 @@ for scenario in scenarios:
                 med(r["deliveries_per_s"] for r in rs),
                 med(r["latency_ms"]["p99"] for r in rs),
                 med(r.get("server_cpu_s_per_million_deliveries") for r in rs),
+                med(r.get("server_cpu_pct") for r in rs),
                 med((r.get("cpu_busy_pct") or [0, 0])[-1] for r in rs),
             )
             lost = sum(r["lost"] for r in rs)
             dups = sum(r["duplicates"] for r in rs)
             each = ", ".join(rate(r["deliveries_per_s"]) for r in rs)
-            d, p, c, b = cells[size]
-            print(f"| {size} | {rate(d)} | {num(p)} | {num(c, 3)} | {num(b, 0)} | {lost} | {dups} | {each} |")
+            d, p, c, own, b = cells[size]
+            print(f"| {size} | {rate(d)} | {num(p)} | {num(c, 3)} | {num(own, 0)} | {num(b, 0)} | {lost} | {dups} | {each} |")
         a, b = sizes[0], sizes[-1]
-        print(f"\nhistory {a} / history {b}: deliveries/s {ratio(cells[a][0], cells[b][0])}, p99 {ratio(cells[a][1], cells[b][1])}, server CPU per delivery {ratio(cells[a][2], cells[b][2])}")
+        print(f"\nhistory {a} / history {b}, of the medians: deliveries/s {ratio(cells[a][0], cells[b][0])}, p99 {ratio(cells[a][1], cells[b][1])}, server CPU per delivery {ratio(cells[a][2], cells[b][2])}")
+        # The two sizes of one run were measured a few seconds apart: their ratio is the least
+        # disturbed by load that comes and goes on the machine.
+        def paired(get):
+            by_run = {}
+            for r in rows:
+                if r["scenario"] == scenario and "error" not in r and get(r) is not None:
+                    by_run.setdefault(r["run"], {})[r["history"]] = get(r)
+            ratios = [v[a] / v[b] for v in by_run.values() if a in v and b in v and v[b]]
+            return (f"{statistics.median(ratios):.2f} (runs: {', '.join(f'{x:.2f}' for x in ratios)})") if ratios else "–"
+        print(f"history {a} / history {b}, median of each run's pair: deliveries/s {paired(lambda r: r['deliveries_per_s'])}; server CPU per delivery {paired(lambda r: r.get('server_cpu_s_per_million_deliveries'))}")
     else:
         print(f"\n{scenario}:\n")
         print("| --history-size | recovered | unrecovered | reasons (all runs) | lost | duplicates (all runs) | out of order (all runs) | replayed | reconnects/s | rejoined p50 / p99 / max ms | caught up p50 / p99 / max ms | server CPU-s |")
