@@ -14,7 +14,9 @@
 # the first size is the numerator of the ratios), one after the other within each run, so a
 # history write's cost per publish shows side by side; the Redis CPU per publish is Redis's CPU
 # time over herald-bench's measurement window (herald-bench --server-pid, read from /proc)
-# divided by the publishes in it. The default is the server's own default, one size.
+# divided by the publishes in it; Redis's own time per script call (INFO commandstats, when
+# redis-cli is installed) counts the publishes and the stream read each subscribe makes. The
+# default is the server's own default, one size.
 #
 # PUB_CONNECTIONS and IN_FLIGHT set the publish side (HTTP keep-alive connections, publishes in
 # flight in total): with few subscribers the publishes, not the fan-out, are the work.
@@ -104,6 +106,11 @@ for run in $(seq 1 "$RUNS"); do
     wait_http "$A" /readyz
     wait_http "$B" /readyz
     bench "cluster-$history-$run" "${PIDS[0]}" "$A" "$A" "$B"
+    # Redis's own account of the scripts it ran (the publishes, and one stream read per
+    # subscriber as it subscribes): calls and microseconds per call.
+    if command -v redis-cli >/dev/null; then
+      redis-cli -p "$R" info commandstats | tr -d '\r' | grep '^cmdstat_evalsha:' >"$OUT/cluster-$history-$run.evalsha" || true
+    fi
     stop_all
   done
   echo "run $run of $RUNS done" >&2
@@ -121,22 +128,31 @@ for history in sizes:
         print(f"{kind} history {history} runs: {each}")
         # In the cluster, herald-bench read redis-server's CPU: per publish measured.
         cpu = [r["server_cpu_s"] / r["published"] * 1e6 for r in results if kind == "cluster" and r.get("server_cpu_s") is not None and r["published"]]
+        script = []
+        for run in range(1, runs + 1):
+            try:
+                stats = dict(kv.split("=") for kv in open(f"{out}/{kind}-{history}-{run}.evalsha").read().strip().split(":", 1)[1].split(","))
+                script.append(float(stats["usec_per_call"]))
+            except (OSError, IndexError, KeyError, ValueError):
+                pass
         rows[kind, history] = (
             statistics.median(r["deliveries_per_s"] for r in results),
             statistics.median(r["publishes_per_s"] for r in results),
             statistics.median(r["latency_ms"]["p99"] for r in results),
             statistics.median(cpu) if cpu else None,
+            statistics.median(script) if script else None,
             sum(r["lost"] for r in results),
             sum(r["duplicates"] for r in results),
         )
 print(f"fanout: {subs} subscribers, {size} B, {duration}, {pub_connections} publish connections, {in_flight} in flight, median of {runs} runs")
-print("| setup | --history-size | deliveries/s | publishes/s | p99 ms | Redis CPU us per publish | lost | duplicates |")
-print("|---|---|---|---|---|---|---|---|")
+print("| setup | --history-size | deliveries/s | publishes/s | p99 ms | Redis CPU us per publish | Redis us per script call | lost | duplicates |")
+print("|---|---|---|---|---|---|---|---|---|")
 for history in sizes:
     for kind, label in (("single", "1 node (in-memory broker)"), ("cluster", "2 nodes + Redis, subscribers split")):
-        rate, pubs, p99, cpu, lost, dup = rows[kind, history]
+        rate, pubs, p99, cpu, script, lost, dup = rows[kind, history]
         redis = "–" if cpu is None else f"{cpu:.1f}"
-        print(f"| {label} | {history} | {rate/1e6:.2f}M/s | {pubs/1e3:.1f}k/s | {p99:.1f} | {redis} | {lost} | {dup} |")
+        call = "–" if script is None else f"{script:.2f}"
+        print(f"| {label} | {history} | {rate/1e6:.2f}M/s | {pubs/1e3:.1f}k/s | {p99:.1f} | {redis} | {call} | {lost} | {dup} |")
 for history in sizes:
     c, s1 = rows["cluster", history], rows["single", history]
     print(f"cluster / single (history {history}): deliveries/s {c[0]/s1[0]:.2f}, p99 {c[2]/s1[2]:.2f}")
@@ -145,7 +161,8 @@ if len(sizes) > 1:
     for kind in ("single", "cluster"):
         x, y = rows[kind, a], rows[kind, b]
         redis = f", Redis CPU per publish {x[3]/y[3]:.2f}" if x[3] and y[3] else ""
+        redis += f", Redis us per script call {x[4]/y[4]:.2f}" if x[4] and y[4] else ""
         print(f"{kind}, history {a} / history {b}: deliveries/s {x[0]/y[0]:.2f}, publishes/s {x[1]/y[1]:.2f}, p99 {x[2]/y[2]:.2f}{redis}")
-if any(row[4] or row[5] for row in rows.values()):
+if any(row[5] or row[6] for row in rows.values()):
     sys.exit("FAIL: messages were lost or duplicated")
 PY
