@@ -22,7 +22,7 @@ fn no_arguments_print_the_usage_and_exit_2() {
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     let text = stderr(&output);
     assert!(text.contains("Usage: herald-bench"), "{text}");
-    for mode in ["fanout", "slow", "idle", "echo", "handshakes"] {
+    for mode in ["fanout", "slow", "idle", "echo", "handshakes", "storm"] {
         assert!(text.contains(mode), "the usage lists {mode}: {text}");
     }
     assert!(output.stdout.is_empty(), "no report: {output:?}");
@@ -45,6 +45,8 @@ fn every_mode_needs_the_server_url() {
         (&["idle"], &["--url"]),
         (&["echo"], &["--url"]),
         (&["handshakes"], &["--url"]),
+        (&["storm"], &["--url", "--pub-url"]),
+        (&["storm", "--url", "ws://h/ws"], &["--pub-url"]),
     ] {
         let mut args = vec!["--timeout", "20s"];
         args.extend_from_slice(mode);

@@ -659,7 +659,7 @@ async fn open_tcp(
 }
 
 /// Waits until the phase is at least `at_least`; returns the phase reached.
-async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) -> u8 {
+pub async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) -> u8 {
     match rx.wait_for(|p| *p >= at_least).await {
         Ok(p) => *p,
         Err(_) => STOP,
@@ -1200,7 +1200,7 @@ async fn ws_publisher(p: usize, shared: &Shared, local: &Local) {
 }
 
 /// Parses one HTTP/1.1 response at the start of `b`: `(bytes, status)` once complete.
-fn parse_response(b: &[u8]) -> Result<Option<(usize, u16)>, String> {
+pub fn parse_response(b: &[u8]) -> Result<Option<(usize, u16)>, String> {
     let Some(head_end) = ws::find(b, b"\r\n\r\n") else {
         return if b.len() > 64 * 1024 {
             Err("response head too long".into())

@@ -2,20 +2,24 @@
 //!
 //! Modes: `fanout` (N subscribers, M publishes, delivery rate, latency and loss), `slow` (fanout
 //! with K subscribers that never read), `idle` (C idle connections, the server's memory per
-//! connection), `echo` (round trips) and `handshakes` (upgrades per second). Every URL is a
+//! connection), `echo` (round trips), `handshakes` (upgrades per second) and `storm` (N clients
+//! drop at once and reconnect with their channel position: recovery, loss, catch-up time; it
+//! speaks Herald's recovery protocol). Every URL is a
 //! required flag (no server is assumed), so any server that speaks WebSocket and accepts
 //! publishes over HTTP or WebSocket can be measured. The client is its own minimal WebSocket implementation, one current-thread tokio
 //! runtime per OS thread, so that it is not the bottleneck; it reports its own CPU use so a
 //! reader can check.
 //!
-//! Modules: [`fanout`] (fanout and slow), [`idle`], [`echo`] (echo and handshakes), [`ws`] (the
-//! client protocol code), [`hist`] (latency histogram), [`report`] (output), [`sys`] (OS calls).
+//! Modules: [`fanout`] (fanout and slow), [`idle`], [`echo`] (echo and handshakes), [`storm`],
+//! [`ws`] (the client protocol code), [`hist`] (latency histogram), [`report`] (output), [`sys`]
+//! (OS calls).
 
 mod echo;
 mod fanout;
 mod hist;
 mod idle;
 mod report;
+mod storm;
 mod sys;
 mod ws;
 
@@ -65,6 +69,9 @@ enum Mode {
     Echo(echo::EchoArgs),
     /// Open, complete and close N WebSocket handshakes with bounded concurrency.
     Handshakes(echo::HandshakeArgs),
+    /// Reconnect storm: N clients on one channel drop at once while publishing goes on and
+    /// reconnect with their position; recovered or not, loss, duplicates, time to catch up.
+    Storm(storm::StormArgs),
 }
 
 /// Options shared by every mode.
@@ -225,6 +232,7 @@ fn main() -> ExitCode {
         Mode::Idle(args) => idle::run(args, &common),
         Mode::Echo(args) => echo::run_echo(args, &common),
         Mode::Handshakes(args) => echo::run_handshakes(args, &common),
+        Mode::Storm(args) => storm::run(args, &common),
     };
     match result {
         Ok(report) => {
