@@ -112,10 +112,11 @@ pub fn spawn(
 /// The channels a connection asked for in its URL, each with the position to recover from.
 type Start = Vec<(Arc<str>, Option<Position>)>;
 
-/// How many replayed frames may be queued now: up to half the queue, so that live messages
-/// of the connection's other channels and its replies have room next to a replay.
+/// How many replayed frames may be queued now: up to half the queue (at least one frame, so
+/// that a replay goes on whatever `--queue-capacity` is), so that live messages of the
+/// connection's other channels and its replies have room next to a replay.
 fn replay_room(outbox: &Outbox, capacity: usize) -> usize {
-    (capacity / 2).saturating_sub(outbox.depth())
+    (capacity / 2).max(1).saturating_sub(outbox.depth())
 }
 
 /// What woke a waiting connection.
@@ -613,7 +614,8 @@ impl Connection {
         }
         // Cluster mode: `subscribed` means messages from every node reach it.
         self.broker.until_heard(channel).await;
-        let room = replay_room(&self.outbox, registry.queue_capacity());
+        // The reply goes first and takes a place of its own.
+        let room = replay_room(&self.outbox, registry.queue_capacity()).saturating_sub(1);
         let reply = |standing: &Standing| Some(protocol::subscribed_frame(id, channel, standing));
         let step = self
             .broker
@@ -655,7 +657,7 @@ impl Connection {
             if let Some(reason) = self.outbox.close_reason() {
                 return Some(Ending::server(reason));
             }
-            if self.outbox.depth() * 2 < capacity {
+            if self.outbox.depth() * 2 < capacity.max(2) {
                 return None;
             }
             match self.outbox.flush(self.broker.registry().metrics()) {

@@ -486,3 +486,29 @@ async fn a_replay_the_window_overtakes_is_closed_with_4002() {
     assert_eq!((code, reason.as_str()), (4002, "recovery failed"));
     assert!(last < 900, "read {last}");
 }
+
+/// A replay goes on one frame at a time through the smallest queue there is.
+#[tokio::test]
+async fn a_replay_streams_through_a_one_frame_queue() {
+    let server = TestServer::start(Config::default().queue_capacity(1)).await;
+    publish_many(&server, "tiny", 5).await;
+    let epoch = server.http().await.get("/api/history/tiny").await.json()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut raw = server
+        .connect(&format!(
+            "/ws?format=raw&channels=tiny&since=tiny:{epoch}:0"
+        ))
+        .await;
+    for n in 0..5 {
+        assert_eq!(
+            recv(&mut raw).await,
+            Message::text(json!({ "n": n }).to_string())
+        );
+    }
+    let (mut ws, _) = server.connect_json("").await;
+    let reply = subscribe(&mut ws, "tiny", Some((&epoch, 2))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    expect_offsets(&mut ws, "tiny", 2, 5).await;
+}
