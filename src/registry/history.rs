@@ -173,9 +173,6 @@ impl History {
     /// Stores the frame of the message just published, then drops what the limits no longer
     /// allow. Returns the bytes the node's histories grew by (negative when they shrank).
     pub fn push(&mut self, frame: Bytes, now_ms: u64, limits: HistoryLimits) -> i64 {
-        if limits.size == 0 {
-            return -(self.clear() as i64);
-        }
         let added = entry_bytes(&frame);
         self.entries.push_back(Stored {
             at_ms: now_ms,
@@ -207,17 +204,6 @@ impl History {
         self.entries
             .pop_front()
             .map_or(0, |stored| entry_bytes(&stored.frame))
-    }
-
-    /// Drops every message; returns the bytes freed.
-    pub fn clear(&mut self) -> u64 {
-        let freed = self
-            .entries
-            .iter()
-            .map(|stored| entry_bytes(&stored.frame))
-            .sum();
-        self.entries.clear();
-        freed
     }
 
     /// When the oldest message was published, if there is one.
