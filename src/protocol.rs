@@ -715,10 +715,7 @@ impl StoredMessage<'_> {
     /// text frame.
     pub fn raw_payload(&self) -> Option<(Cow<'_, [u8]>, bool)> {
         match (&self.data, &self.data_b64) {
-            (Some(data), None) => {
-                let (bytes, text) = Payload::Json(data.get().as_bytes()).raw();
-                Some((Cow::Owned(bytes.to_vec()), text))
-            }
+            (Some(data), None) => Some(Payload::Json(data.get().as_bytes()).raw()),
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
                 .ok()
