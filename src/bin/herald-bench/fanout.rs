@@ -1075,64 +1075,30 @@ async fn http_publisher(p: usize, cap: usize, shared: &Shared, local: &Local) {
     let sender = Sender::new(shared, &stream, cap);
     let reader = async {
         let mut phase = shared.phase.subscribe();
-        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            if sender.finished.get() {
-                break;
-            }
-            tokio::select! {
-                biased;
-                r = stream.readable() => if r.is_err() { break },
-                _ = sender.wake_reader.notified() => continue,
-                _ = phase.wait_for(|p| *p == STOP) => break,
-            }
-            match stream.try_read(&mut chunk) {
-                Ok(0) => {
-                    local.error(
-                        "publish",
-                        &io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "server closed the connection",
-                        ),
-                    );
-                    break;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    local.error("publish read", &e);
-                    break;
-                }
-            }
-            quickack(&stream);
-            let mut used = 0;
-            loop {
-                match parse_response(&buf[used..]) {
-                    Ok(Some((len, status))) => {
-                        used += len;
-                        let measured = sender.kinds.borrow_mut().pop_front().unwrap_or(false);
-                        if measured {
-                            if (200..300).contains(&status) {
-                                shared.acked.fetch_add(1, Relaxed);
-                            } else {
-                                shared.pub_errors.fetch_add(1, Relaxed);
-                            }
-                        }
-                        sender
-                            .in_flight
-                            .set(sender.in_flight.get().saturating_sub(1));
-                        sender.slot.notify_one();
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        local.error("publish response", &io::Error::other(e));
-                        sender.finished.set(true);
-                        break;
+        let ended = read_responses(
+            &stream,
+            &sender.wake_reader,
+            &mut phase,
+            || !sender.finished.get(),
+            |_, status| {
+                let measured = sender.kinds.borrow_mut().pop_front().unwrap_or(false);
+                if measured {
+                    if (200..300).contains(&status) {
+                        shared.acked.fetch_add(1, Relaxed);
+                    } else {
+                        shared.pub_errors.fetch_add(1, Relaxed);
                     }
                 }
-            }
-            buf.drain(..used);
+                sender
+                    .in_flight
+                    .set(sender.in_flight.get().saturating_sub(1));
+                sender.slot.notify_one();
+            },
+            |what, err| local.error(what, &io::Error::other(err.to_string())),
+        )
+        .await;
+        if ended == ReadEnd::Unreadable {
+            sender.finished.set(true);
         }
         // Nothing more will be answered: release a writer waiting for a slot.
         let lost = sender.in_flight.replace(0);
@@ -1197,6 +1163,70 @@ async fn ws_publisher(p: usize, shared: &Shared, local: &Local) {
         shared.pub_done.fetch_add(1, Relaxed);
     };
     tokio::join!(writer, reader);
+}
+
+/// What ended [`read_responses`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// Nothing more was expected, or the run stopped.
+    Finished,
+    /// The server closed the connection, or reading from it failed.
+    Closed,
+    /// A response did not parse.
+    Unreadable,
+}
+
+/// Reads the pipelined HTTP/1.1 responses of a publisher connection while `more()` holds and
+/// the run has not stopped, handing each complete response and its status to `on_response`.
+/// `wake` makes it look at `more()` again; a closed connection, a failed read and a response
+/// that does not parse go to `on_error` (with what failed) and end it.
+pub async fn read_responses(
+    stream: &TcpStream,
+    wake: &Notify,
+    phase: &mut watch::Receiver<u8>,
+    more: impl Fn() -> bool,
+    mut on_response: impl FnMut(&[u8], u16),
+    mut on_error: impl FnMut(&'static str, &dyn std::fmt::Display),
+) -> ReadEnd {
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    while more() {
+        tokio::select! {
+            biased;
+            r = stream.readable() => if r.is_err() { return ReadEnd::Closed },
+            _ = wake.notified() => continue,
+            _ = phase.wait_for(|p| *p == STOP) => return ReadEnd::Finished,
+        }
+        match stream.try_read(&mut chunk) {
+            Ok(0) => {
+                on_error("publish", &"server closed the connection");
+                return ReadEnd::Closed;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                on_error("publish read", &e);
+                return ReadEnd::Closed;
+            }
+        }
+        quickack(stream);
+        let mut used = 0;
+        loop {
+            match parse_response(&buf[used..]) {
+                Ok(Some((len, status))) => {
+                    on_response(&buf[used..used + len], status);
+                    used += len;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    on_error("publish response", &e);
+                    return ReadEnd::Unreadable;
+                }
+            }
+        }
+        buf.drain(..used);
+    }
+    ReadEnd::Finished
 }
 
 /// Parses one HTTP/1.1 response at the start of `b`: `(bytes, status)` once complete.

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::fanout::{parse_response, wait_phase};
+use crate::fanout::{read_responses, wait_phase};
 use crate::hist::Histogram;
 use crate::report::{Report, human, progress, progress_done};
 use crate::sys::{mono_ns, quickack, raise_nofile_limit, spread_source};
@@ -1080,55 +1080,27 @@ async fn publisher(shared: &Shared, local: &Local) {
         wake_reader.notify_one();
     };
     let reader = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-        let mut chunk = vec![0u8; 16 * 1024];
-        while writing.get() || in_flight.get() > 0 {
-            tokio::select! {
-                biased;
-                r = stream.readable() => if r.is_err() { break },
-                _ = wake_reader.notified() => continue,
-                _ = phase.wait_for(|p| *p == STOP) => break,
-            }
-            match stream.try_read(&mut chunk) {
-                Ok(0) => {
-                    local.error("publish", &"the server closed the connection");
-                    break;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    local.error("publish read", &e);
-                    break;
-                }
-            }
-            quickack(&stream);
-            let mut used = 0;
-            loop {
-                match parse_response(&buf[used..]) {
-                    Ok(Some((len, status))) => {
-                        let response = &buf[used..used + len];
-                        used += len;
-                        match field_u64(response, br#""offset":"#) {
-                            Some(offset) if (200..300).contains(&status) => {
-                                shared.acked.fetch_add(1, Relaxed);
-                                shared.max_offset.fetch_max(offset, Relaxed);
-                            }
-                            _ => {
-                                shared.pub_errors.fetch_add(1, Relaxed);
-                            }
-                        }
-                        in_flight.set(in_flight.get().saturating_sub(1));
-                        slot.notify_one();
+        read_responses(
+            &stream,
+            &wake_reader,
+            &mut phase,
+            || writing.get() || in_flight.get() > 0,
+            |response, status| {
+                match field_u64(response, br#""offset":"#) {
+                    Some(offset) if (200..300).contains(&status) => {
+                        shared.acked.fetch_add(1, Relaxed);
+                        shared.max_offset.fetch_max(offset, Relaxed);
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        local.error("publish response", &e);
-                        break;
+                    _ => {
+                        shared.pub_errors.fetch_add(1, Relaxed);
                     }
                 }
-            }
-            buf.drain(..used);
-        }
+                in_flight.set(in_flight.get().saturating_sub(1));
+                slot.notify_one();
+            },
+            |what, err| local.error(what, err),
+        )
+        .await;
         // Nothing more will be answered: release a writer waiting for a slot.
         let lost = in_flight.replace(0);
         shared.pub_errors.fetch_add(lost as u64, Relaxed);
