@@ -621,6 +621,24 @@ pub fn broadcast_frame(payload: Payload<'_>) -> Bytes {
     frame.finish()
 }
 
+/// The channel and the position a gap announcement with a position (a [`gap_frame`]) moves its
+/// subscribers to; `None` for any other envelope, or a gap without a position.
+///
+/// For the same transports as [`message_position`]: after a gap a subscriber stands where the
+/// channel goes on from, in what may be a new epoch.
+pub fn gap_position(json: &[u8]) -> Option<(&str, Position)> {
+    let rest = json.strip_prefix(br#"{"type":"gap","channel":""#)?;
+    let end = rest.iter().position(|&byte| byte == b'"')?;
+    let channel = std::str::from_utf8(&rest[..end]).ok()?;
+    let rest = rest[end..].strip_prefix(br#"","epoch":""#)?;
+    let end = rest.iter().position(|&byte| byte == b'"')?;
+    let epoch = Epoch::parse(std::str::from_utf8(&rest[..end]).ok()?)?;
+    let rest = rest[end..].strip_prefix(br#"","offset":"#)?;
+    let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+    let offset = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((channel, Position { epoch, offset }))
+}
+
 /// `{"type":"gap","channel":…,"epoch":…,"offset":…}`: messages of the channel were missed
 /// (cluster mode: the history could not replay all that the node missed while it was cut off
 /// from Redis); what follows comes after `position`, which the client stores as its own. No
@@ -828,6 +846,27 @@ mod tests {
         }
         assert_eq!(
             message_position(br#"{"type":"message","channel":"a","offset":x}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn gap_announcements_give_the_position_to_go_on_from() {
+        let payload = |frame: &Bytes| frame.slice(server_header_len(frame).unwrap()..);
+        let position = Position {
+            epoch: Epoch::parse("abcd0123").unwrap(),
+            offset: 42,
+        };
+        let frame = gap_frame("room:1", Some(position));
+        assert_eq!(gap_position(&payload(&frame)), Some(("room:1", position)));
+        for other in [
+            gap_frame("room:1", None),
+            message_frame("room:1", 7, None, Payload::Json(b"1")),
+        ] {
+            assert_eq!(gap_position(&payload(&other)), None);
+        }
+        assert_eq!(
+            gap_position(br#"{"type":"gap","channel":"a","epoch":"short","offset":1}"#),
             None
         );
     }

@@ -1,7 +1,8 @@
 //! History and recovery in cluster mode, against real redis-server processes: one stream per
 //! channel for every node, recovery on another node under concurrent publishing on two nodes,
 //! a node cut off from Redis healing from the history (with a gap only for what the history no
-//! longer holds), and the history API reading Redis.
+//! longer holds), the history API reading Redis, and Server-Sent Events streams resuming from
+//! the history in Redis on another node.
 
 mod common;
 
@@ -10,10 +11,11 @@ use std::time::Duration;
 use common::cluster::{eventually, readyz, wait_numsub, wait_ready};
 use common::positions::{expect_offsets, leave_and_come_back, subscribe};
 use common::redis_server::RedisServer;
+use common::sse::{Sse, positions};
 use common::stall_proxy::StallProxy;
 use common::{TestServer, metric, recv_json};
 use herald::Config;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn cluster_config(url: &str, history: usize) -> Config {
     Config::default()
@@ -326,4 +328,168 @@ async fn redis_killed_and_restarted_mid_stream_heals_subscribers_from_the_histor
         history["offset"], TOTAL,
         "one offset per message: no retry published twice"
     );
+}
+
+/// The offsets of every message event of `channel` in `events`.
+fn offsets_of(events: &[(String, Value)], channel: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|(_, event)| event["type"] == "message" && event["channel"] == channel)
+        .map(|(_, event)| event["offset"].as_u64().expect("an offset"))
+        .collect()
+}
+
+/// Reads message events until `channel` reaches offset `until` (other channels' events are
+/// kept too), checking that each event's id moved to its offset.
+async fn read_until(sse: &mut Sse, channel: &str, until: u64) -> Vec<(String, Value)> {
+    let mut events = Vec::new();
+    while offsets_of(&events, channel).last() < Some(&until) {
+        let (id, event) = sse.next_event().await;
+        assert_eq!(event["type"], "message", "{event}");
+        let at = positions(&id);
+        let index = usize::from(event["channel"] == "quiet");
+        assert_eq!(at[index].1, event["offset"], "the id moved with {event}");
+        events.push((id, event));
+    }
+    events
+}
+
+/// An event stream that leaves one node and comes back on the other with its last event id
+/// resumes every channel from the history in Redis while both nodes publish: every offset
+/// once, in order, then live.
+#[tokio::test]
+async fn an_event_stream_resumes_on_another_node_under_concurrent_publishing() {
+    const TOTAL: u64 = 600;
+    let Some(redis) = RedisServer::start("cluster sse resume") else {
+        return;
+    };
+    let a = TestServer::start(cluster_config(&redis.url(), 5000)).await;
+    let b = TestServer::start(cluster_config(&redis.url(), 5000)).await;
+    wait_ready(&[&a, &b]).await;
+    let mut sse = Sse::open(a.addr, "channels=load,quiet", "").await;
+    assert_eq!(sse.next_event().await.1["type"], "welcome");
+    publish(&b, "load", 10).await;
+    publish(&b, "quiet", 20).await;
+    let before = read_until(&mut sse, "quiet", 20).await;
+    assert_eq!(offsets_of(&before, "load"), (1..=10).collect::<Vec<_>>());
+    let (last_id, _) = before.last().expect("events").clone();
+    drop(sse);
+
+    publish(&a, "quiet", 10).await;
+    let publishers: Vec<_> = [a.addr, b.addr]
+        .into_iter()
+        .map(|addr| {
+            tokio::spawn(async move {
+                let mut http = common::HttpClient::connect(addr).await;
+                for n in 0..TOTAL / 2 {
+                    let reply = http.post_json("/api/publish/load", &n.to_string()).await;
+                    assert_eq!(reply.status, 200);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut back = Sse::open(
+        b.addr,
+        "channels=load,quiet",
+        &format!("last-event-id: {last_id}\r\n"),
+    )
+    .await;
+    let (_, welcome) = back.next_event().await;
+    for channel in ["load", "quiet"] {
+        assert_eq!(welcome["channels"][channel]["recovered"], true, "{welcome}");
+    }
+    let after = read_until(&mut back, "load", 10 + TOTAL).await;
+    assert_eq!(
+        offsets_of(&after, "load"),
+        (11..=10 + TOTAL).collect::<Vec<_>>()
+    );
+    assert_eq!(offsets_of(&after, "quiet"), (21..=30).collect::<Vec<_>>());
+    for task in publishers {
+        task.await.expect("no assertion failed");
+    }
+    publish(&a, "quiet", 1).await;
+    let (_, live) = back.next_event().await;
+    assert_eq!(
+        (&live["channel"], &live["offset"]),
+        (&json!("quiet"), &json!(31))
+    );
+}
+
+/// A stream's replay from the history in Redis streams through a queue far smaller than it,
+/// as the client reads.
+#[tokio::test]
+async fn an_event_stream_replays_from_redis_through_a_small_queue() {
+    let Some(redis) = RedisServer::start("cluster sse small queue") else {
+        return;
+    };
+    let config = |url: &str| cluster_config(url, 500).queue_capacity(16);
+    let a = TestServer::start(config(&redis.url())).await;
+    let b = TestServer::start(config(&redis.url())).await;
+    wait_ready(&[&a, &b]).await;
+    let (welcome_id, _) = Sse::open(a.addr, "channels=load", "")
+        .await
+        .next_event()
+        .await;
+    publish(&a, "load", 200).await;
+    let mut back = Sse::open(
+        b.addr,
+        &format!("channels=load&last_event_id={welcome_id}"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        back.next_event().await.1["channels"]["load"]["recovered"],
+        true
+    );
+    let replayed = read_until(&mut back, "load", 200).await;
+    assert_eq!(offsets_of(&replayed, "load"), (1..=200).collect::<Vec<_>>());
+    let stats = b.http().await.get("/api/stats").await.json();
+    assert_eq!(stats["slow_consumer_drops"], 0, "the replay streamed");
+}
+
+/// A gap announced to a stream moves its event id to where the channel goes on from, so the
+/// client, coming back with that id, recovers what follows instead of being told its
+/// position expired.
+#[tokio::test]
+async fn a_gap_moves_the_event_id_to_the_position_to_go_on_from() {
+    let Some(redis) = RedisServer::start("cluster sse gap") else {
+        return;
+    };
+    let (proxy, a, b) = cut_off_pair(&redis, 10).await;
+    let mut sse = Sse::open(b.addr, "channels=feed", "").await;
+    let (_, welcome) = sse.next_event().await;
+    let epoch = welcome["channels"]["feed"]["epoch"].clone();
+    publish(&a, "feed", 5).await;
+    read_until(&mut sse, "feed", 5).await;
+
+    proxy.sever(true);
+    eventually("node B notices", async || readyz(&b).await == 503).await;
+    wait_numsub(&redis, "herald:{feed}:messages", 0).await;
+    publish(&a, "feed", 30).await; // offsets 6..=35; the history keeps 26..=35
+    proxy.sever(false);
+    wait_ready(&[&b]).await;
+    let (gap_id, gap) = sse.next_event().await;
+    assert_eq!(
+        gap,
+        json!({"type":"gap","channel":"feed","epoch":epoch,"offset":25})
+    );
+    assert_eq!(
+        positions(&gap_id),
+        [(epoch.as_str().unwrap().to_owned(), 25)]
+    );
+    let healed = read_until(&mut sse, "feed", 35).await;
+    assert_eq!(offsets_of(&healed, "feed"), (26..=35).collect::<Vec<_>>());
+    drop(sse);
+
+    let mut back = Sse::open(
+        a.addr,
+        "channels=feed",
+        &format!("last-event-id: {gap_id}\r\n"),
+    )
+    .await;
+    let (_, welcome) = back.next_event().await;
+    assert_eq!(welcome["channels"]["feed"]["recovered"], true, "{welcome}");
+    let replayed = read_until(&mut back, "feed", 35).await;
+    assert_eq!(offsets_of(&replayed, "feed"), (26..=35).collect::<Vec<_>>());
 }

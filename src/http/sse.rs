@@ -65,7 +65,7 @@ pub async fn respond(
     // Cluster mode: other nodes' messages for the stream reach this node from its welcome on.
     let _hold = Box::pin(broker.hold_for(&session.channels, &session.client_id)).await;
     let stream = EventStream::open(
-        broker.registry(),
+        broker,
         Opening {
             client_id: session.client_id,
             channels: session.channels,
@@ -73,7 +73,8 @@ pub async fn respond(
             expires_in: session.auth.map(|auth| auth.grant.expires_in()),
         },
         watch,
-    );
+    )
+    .await;
     let mut response = Response::new(ResponseBody::Events(Box::new(stream)));
     let headers = response.headers_mut();
     headers.insert(

@@ -29,12 +29,14 @@
 //!
 //! Every event's id ([`event_id`]) holds the stream's position in each of its channels: the
 //! body advances it as message envelopes pass (their channel and offset are read from the
-//! envelope's fixed start). A stream opened with a last event id recovers each channel through
-//! the registry exactly as a WebSocket's `since=`: [`Registry::join`], then
-//! [`Registry::catch_up`] from the position, and the rest of the replay queued as the client
-//! reads (the body tops it up, at most half the queue at a time, each time hyper takes frames),
-//! so a replay larger than the queue streams instead of overflowing it. The welcome event says
-//! per channel whether it was recovered.
+//! envelope's fixed start, and a gap announcement moves it to where the channel goes on from).
+//! A stream opened with a last event id recovers each channel exactly as a WebSocket's
+//! `since=`: [`Registry::join`], then [`Broker::catch_up`] from the position (which reads the
+//! channel's history in Redis in cluster mode), and the rest of the replay queued as the client
+//! reads (the body tops it up, at most half the queue at a time, each time hyper takes frames;
+//! a step that waits for Redis is polled along with the outbox), so a replay larger than the
+//! queue streams instead of overflowing it. The welcome event says per channel whether it was
+//! recovered.
 //!
 //! Not done here: one owner per socket for every transport. A WebSocket's socket is written by
 //! whichever of the shard writer and its task flushes; a stream's by hyper's connection task,
@@ -46,6 +48,8 @@ mod watch;
 pub use watch::Watch;
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,10 +59,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame};
 
+use crate::broker::Broker;
 use crate::metrics::ClosedBy;
 use crate::protocol;
 use crate::registry::{
-    CatchUp, CloseReason, ConnId, Cursor, Outbox, Position, Recovery, Registry, Source, Taken,
+    CatchUp, CloseReason, ConnId, Cursor, Epoch, Outbox, Position, Recovery, Registry, Taken,
 };
 use crate::ws::frame::{OpCode, server_frame_payload};
 use event_id::{ChannelsTag, EventId};
@@ -90,6 +95,7 @@ pub enum StreamError {
 /// for more, and turns them into events. Unregisters the stream when hyper drops it.
 #[derive(Debug)]
 pub struct EventStream {
+    broker: Broker,
     registry: Registry,
     conn: ConnId,
     outbox: Arc<Outbox>,
@@ -99,7 +105,18 @@ pub struct EventStream {
     id: EventId,
     /// Replays still to finish: the index of the channel and the position reached.
     replays: VecDeque<(usize, Position)>,
+    /// The step of the first replay under way, while it waits for Redis.
+    step: Option<Step>,
     phase: Phase,
+}
+
+/// One step of a replay, as a future of its own so the body can poll it next to the outbox.
+struct Step(Pin<Box<dyn Future<Output = CatchUp> + Send>>);
+
+impl fmt::Debug for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Step")
+    }
 }
 
 /// How far a stream has got.
@@ -132,7 +149,8 @@ impl EventStream {
     /// when one is given) and queues its welcome in front of whatever those queued. `watch`
     /// is the HTTP connection's, which drops the connection if the stream is cut off while
     /// hyper waits for the socket.
-    pub fn open(registry: &Registry, opening: Opening, watch: &Watch) -> Self {
+    pub async fn open(broker: &Broker, opening: Opening, watch: &Watch) -> Self {
+        let registry = broker.registry();
         let registration = registry.register_pulled(Arc::clone(&opening.client_id), true);
         let conn = registration.id;
         let outbox = registration.outbox;
@@ -149,14 +167,15 @@ impl EventStream {
                 .since
                 .as_ref()
                 .and_then(|since| since.get(index).copied());
+            // Nothing of the stream's own goes in front of a replay: its welcome, queued first,
+            // says where each channel stands.
             let outcome = match registry.join(conn, channel) {
-                Ok(_) => catch_up(
-                    registry,
-                    conn,
-                    channel,
-                    Cursor::Start(since),
-                    replay_room(&outbox, capacity),
-                ),
+                Ok(_) => {
+                    let room = replay_room(&outbox, capacity);
+                    broker
+                        .catch_up(conn, channel, Cursor::Start(since), room, |_| None)
+                        .await
+                }
                 // Refused only to a connection already gone (the channels were checked).
                 Err(_) => CatchUp::Gone,
             };
@@ -183,6 +202,7 @@ impl EventStream {
         )));
         registry.task_started();
         Self {
+            broker: broker.clone(),
             registry: registry.clone(),
             conn,
             outbox,
@@ -192,26 +212,38 @@ impl EventStream {
             },
             channels: opening.channels.into_iter().map(Arc::from).collect(),
             replays,
+            step: None,
             phase: Phase::Open,
         }
     }
 
-    /// Queues the next part of the replay under way while the queue has room for it.
-    fn continue_replays(&mut self) {
+    /// Queues the next part of the replay under way while the queue has room for it. A step
+    /// that waits for Redis is left pending, to be polled again when `cx` is woken.
+    fn continue_replays(&mut self, cx: &mut Context<'_>) {
         let capacity = self.registry.queue_capacity();
         while let Some(&(index, cursor)) = self.replays.front() {
-            let room = replay_room(&self.outbox, capacity);
-            if room == 0 {
+            let step = match &mut self.step {
+                Some(step) => step,
+                None => {
+                    let room = replay_room(&self.outbox, capacity);
+                    if room == 0 {
+                        return;
+                    }
+                    let broker = self.broker.clone();
+                    let channel = Arc::clone(&self.channels[index]);
+                    let conn = self.conn;
+                    self.step.insert(Step(Box::pin(async move {
+                        broker
+                            .catch_up(conn, &channel, Cursor::Resume(cursor), room, |_| None)
+                            .await
+                    })))
+                }
+            };
+            let Poll::Ready(outcome) = step.0.as_mut().poll(cx) else {
                 return;
-            }
-            let channel = &self.channels[index];
-            match catch_up(
-                &self.registry,
-                self.conn,
-                channel,
-                Cursor::Resume(cursor),
-                room,
-            ) {
+            };
+            self.step = None;
+            match outcome {
                 CatchUp::Live(_) => {
                     self.replays.pop_front();
                 }
@@ -239,10 +271,14 @@ impl EventStream {
             match server_frame_payload(&frame) {
                 Some((OpCode::Ping, _)) => events.push(HEARTBEAT),
                 Some((OpCode::Text, json)) => {
-                    if let Some((channel, offset)) = protocol::message_position(&json) {
-                        if self.advance(channel, offset) {
-                            prefix = Bytes::new();
-                        }
+                    let moved = match protocol::message_position(&json) {
+                        Some((channel, offset)) => self.advance(channel, None, offset),
+                        None => protocol::gap_position(&json).is_some_and(|(channel, position)| {
+                            self.advance(channel, Some(position.epoch), position.offset)
+                        }),
+                    };
+                    if moved {
+                        prefix = Bytes::new();
                     }
                     if prefix.is_empty() {
                         prefix = self.write_prefix(&mut ids, count - at);
@@ -259,13 +295,17 @@ impl EventStream {
         events
     }
 
-    /// Moves the stream's position in `channel` to `offset`; returns whether the stream has
-    /// that channel.
-    fn advance(&mut self, channel: &str, offset: u64) -> bool {
+    /// Moves the stream's position in `channel` to `offset` (of a new epoch, after a gap);
+    /// returns whether the stream has that channel.
+    fn advance(&mut self, channel: &str, epoch: Option<Epoch>, offset: u64) -> bool {
         let Some(index) = self.channels.iter().position(|c| &**c == channel) else {
             return false;
         };
-        self.id.positions[index].offset = offset;
+        let position = &mut self.id.positions[index];
+        position.offset = offset;
+        if let Some(epoch) = epoch {
+            position.epoch = epoch;
+        }
         true
     }
 
@@ -291,20 +331,6 @@ impl EventStream {
         self.registry.metrics().record_close(by);
         self.registry.unregister(self.conn);
     }
-}
-
-/// The one call of [`Registry::catch_up`], for a stream's first step in a channel and for every
-/// later step of its replay: a stream queues nothing of its own in front of a replay (its
-/// welcome, queued first, says where each channel stands). It reads this node's history:
-/// streams do not read Redis's yet, so in cluster mode they get live messages only.
-fn catch_up(
-    registry: &Registry,
-    conn: ConnId,
-    channel: &str,
-    cursor: Cursor,
-    room: usize,
-) -> CatchUp {
-    registry.catch_up(conn, channel, cursor, room, Source::Local, |_| None)
 }
 
 /// How many replayed frames may be queued now: up to half the queue (at least one frame), so
@@ -345,7 +371,7 @@ impl Body for EventStream {
                     }
                 }
                 Phase::Open => {
-                    this.continue_replays();
+                    this.continue_replays(cx);
                     match ready!(this.outbox.poll_take(cx, &mut frames, MAX_BATCH)) {
                         Taken::Frames => {}
                         Taken::Close(CloseReason::SlowConsumer) => {

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod positions;
 pub mod redis_server;
+pub mod sse;
 pub mod stall_proxy;
 
 use std::net::SocketAddr;
