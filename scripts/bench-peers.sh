@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Side-by-side comparison of Herald with the peers in shared/peers (fastapi-seed, node-ws, nchan,
+# Side-by-side comparison of Herald with the peers in shared/peers (bun-uws, fastapi-seed, node-ws, nchan,
 # axum-broadcast), measured by herald-bench. Each server is started fresh for every run, pinned to
-# CPU $SERVER_CPU; herald-bench runs pinned to CPU $BENCH_CPU with one thread.
+# CPU $SERVER_CPU; herald-bench runs pinned to CPU $BENCH_CPU with one thread. Within a scenario
+# the servers take turns run by run (run 1 of every server, then run 2, ...), so that a change in
+# the machine's load lands on all of them rather than on one.
 #
-# usage: scripts/bench-peers.sh [SERVER ...]      (default: herald axum-broadcast node-ws nchan fastapi-seed)
+# usage: scripts/bench-peers.sh [SERVER ...]      (default: herald bun-uws axum-broadcast node-ws nchan fastapi-seed)
 # env:   RUNS=3                 runs per cell (the table shows the median); RUNS=1 for a quick pass
 #        SCENARIOS="..."        subset of: fanout-1k-64 fanout-1k-1k fanout-10k-64 fanout-10k-1k
-#                               idle-10k idle-15k slow-10of1k echo-50 handshakes
-#                               (idle-15k runs for herald only; echo-50 and handshakes for servers
-#                               with an echo URL)
+#                               idle-10k idle-15k slow-10of1k echo-50 echo-1000 handshakes
+#                               (idle-15k runs for herald only; echo-* and handshakes for servers
+#                               with an echo URL; echo-1000 is not in the default list)
 #        DURATION=8s            publishing time per fan-out run (closed loop, 4 HTTP keep-alive
 #                               connections, 16 publishes in flight)
 #        PEERS_DIR=...          where the peers are (default: ../shared/peers or /work/shared/peers);
@@ -29,7 +31,7 @@ OUT_DIR=$ROOT/target/bench
 OUT=$OUT_DIR/results.jsonl
 LOG_DIR=$OUT_DIR/logs
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
-if [ "$#" -gt 0 ]; then SERVERS=("$@"); else SERVERS=(herald axum-broadcast node-ws nchan fastapi-seed); fi
+if [ "$#" -gt 0 ]; then SERVERS=("$@"); else SERVERS=(herald bun-uws axum-broadcast node-ws nchan fastapi-seed); fi
 if [ -z "${PEERS_DIR:-}" ]; then
   for candidate in "$ROOT/../shared/peers" /work/shared/peers; do
     [ -d "$candidate" ] && PEERS_DIR=$candidate && break
@@ -92,16 +94,17 @@ scenario_args() {
     idle-10k) echo "idle --connections 10000 --settle 3s" ;;
     idle-15k) echo "idle --connections 15000 --settle 3s" ;;
     echo-50) echo "echo --connections 50 --size 64 --duration $DURATION" ;;
+    echo-1000) echo "echo --connections 1000 --size 64 --duration $DURATION" ;;
     handshakes) echo "handshakes --count 20000 --concurrency 64" ;;
     *) echo "unknown scenario $1" >&2; return 1 ;;
   esac
 }
 
-for server in "${SERVERS[@]}"; do
-  for scenario in $SCENARIOS; do
-    [ "$scenario" = idle-15k ] && [ "$server" != herald ] && continue
-    read -r -a args <<<"$(scenario_args "$scenario")"
-    for run in $(seq 1 "$RUNS"); do
+for scenario in $SCENARIOS; do
+  read -r -a args <<<"$(scenario_args "$scenario")"
+  for run in $(seq 1 "$RUNS"); do
+    for server in "${SERVERS[@]}"; do
+      [ "$scenario" = idle-15k ] && [ "$server" != herald ] && continue
       port=$(free_port)
       if ! start_server "$server" "$port"; then
         echo "{\"run_id\":\"$RUN_ID\",\"server\":\"$server\",\"scenario\":\"$scenario\",\"run\":$run,\"error\":\"server did not start\"}" >>"$OUT"
@@ -169,11 +172,15 @@ cols = [
     ("N=10k S=1 KiB", "fanout-10k-1k", lambda r: r.get("deliveries_per_s"), fmt_rate, True),
     ("p99 ms N=10k S=64", "fanout-10k-64", lambda r: r.get("latency_ms", {}).get("p99"), lambda v: "–" if v is None else f"{v:.1f}", False),
     ("server CPU-s per M deliveries (1k/64)", "fanout-1k-64", lambda r: r.get("server_cpu_s_per_million_deliveries"), lambda v: "–" if v is None else f"{v:.3f}", False),
+    ("server CPU-s per M deliveries (10k/64)", "fanout-10k-64", lambda r: r.get("server_cpu_s_per_million_deliveries"), lambda v: "–" if v is None else f"{v:.3f}", False),
     ("idle bytes/conn (10k)", "idle-10k", lambda r: r.get("bytes_per_connection"), lambda v: "–" if v is None else f"{v/1000:.1f} KB", False),
     ("idle bytes/conn (15k)", "idle-15k", lambda r: r.get("bytes_per_connection"), lambda v: "–" if v is None else f"{v/1000:.1f} KB", False),
     ("slow 10/1000: rest", "slow-10of1k", lambda r: r.get("deliveries_per_s"), fmt_rate, True),
     ("echo round trips/s (50 conns, 64 B)", "echo-50", lambda r: r.get("round_trips_per_s"), fmt_rate, True),
+    ("echo round trips/s (1000 conns, 64 B)", "echo-1000", lambda r: r.get("round_trips_per_s"), fmt_rate, True),
+    ("server CPU-s per M round trips (50 conns)", "echo-50", lambda r: r.get("server_cpu_s_per_million_round_trips"), lambda v: "–" if v is None else f"{v:.2f}", False),
     ("handshakes/s", "handshakes", lambda r: r.get("handshakes_per_s"), fmt_rate, True),
+    ("server CPU-ms per 1000 handshakes", "handshakes", lambda r: r.get("server_cpu_ms_per_thousand_handshakes"), lambda v: "–" if v is None else f"{v:.1f}", False),
 ]
 print(f"\n### herald-bench results (run {run_id}, median of up to {max([r['run'] for r in rows] or [0])} runs)\n")
 print("| server | " + " | ".join(c[0] for c in cols) + " | slow: dropped / RSS growth | lost (all runs) |")
