@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{eventually, readyz, wait_numsub, wait_ready};
-use common::positions::{expect_offsets, leave_and_come_back, subscribe};
+use common::positions::{expect_offsets, leave_and_come_back, spawn_publishers, subscribe};
 use common::redis_server::RedisServer;
 use common::sse::{Sse, positions};
 use common::stall_proxy::StallProxy;
@@ -126,18 +126,7 @@ async fn recovery_on_another_node_under_concurrent_publishing_is_exactly_once() 
         .unwrap()
         .to_owned();
     wait_numsub(&redis, "herald:{load}:messages", 1).await;
-    let publishers: Vec<_> = [a.addr, b.addr]
-        .into_iter()
-        .map(|addr| {
-            tokio::spawn(async move {
-                let mut http = common::HttpClient::connect(addr).await;
-                for n in 0..TOTAL / 2 {
-                    let reply = http.post_json("/api/publish/load", &n.to_string()).await;
-                    assert_eq!(reply.status, 200);
-                }
-            })
-        })
-        .collect();
+    let publishers = spawn_publishers(&[a.addr, b.addr], "load", TOTAL / 2);
     let mut clients = Vec::new();
     for (delay_ms, leave_after, first, second) in [
         (0, 30, a.addr, b.addr),
@@ -376,18 +365,7 @@ async fn an_event_stream_resumes_on_another_node_under_concurrent_publishing() {
     drop(sse);
 
     publish(&a, "quiet", 10).await;
-    let publishers: Vec<_> = [a.addr, b.addr]
-        .into_iter()
-        .map(|addr| {
-            tokio::spawn(async move {
-                let mut http = common::HttpClient::connect(addr).await;
-                for n in 0..TOTAL / 2 {
-                    let reply = http.post_json("/api/publish/load", &n.to_string()).await;
-                    assert_eq!(reply.status, 200);
-                }
-            })
-        })
-        .collect();
+    let publishers = spawn_publishers(&[a.addr, b.addr], "load", TOTAL / 2);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let mut back = Sse::open(
         b.addr,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::positions::{
     connect_small_buffer, expect_offsets, leave_and_come_back, position, read_until_close,
-    subscribe,
+    spawn_publishers, subscribe,
 };
 use common::{TestServer, recv, recv_json, send_json};
 use herald::Config;
@@ -140,18 +140,7 @@ async fn recovery_under_concurrent_publishing_is_exactly_once() {
         TestServer::start(Config::default().history_size(10_000).queue_capacity(256)).await;
     let (mut first, _) = server.connect_json("").await;
     let (epoch, _) = position(&subscribe(&mut first, "load", None).await);
-    let publishers: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = server.addr;
-            tokio::spawn(async move {
-                let mut http = common::HttpClient::connect(addr).await;
-                for n in 0..TOTAL / 2 {
-                    let reply = http.post_json("/api/publish/load", &n.to_string()).await;
-                    assert_eq!(reply.status, 200);
-                }
-            })
-        })
-        .collect();
+    let publishers = spawn_publishers(&[server.addr, server.addr], "load", TOTAL / 2);
     // Subscribers that come back at different points while publishing goes on: each reads a
     // little, leaves, and recovers from the last offset it read.
     let mut clients = Vec::new();
@@ -182,16 +171,24 @@ async fn a_dropped_slow_consumer_comes_back_and_misses_nothing() {
     let mut slow = connect_small_buffer(&server, "/ws?channels=ticker").await;
     let welcome = recv_json(&mut slow).await;
     let (epoch, _) = position(&welcome["channels"]["ticker"]);
-    let payload = "x".repeat(4096);
+    let payload = json!("x".repeat(4096)).to_string();
     let mut http = server.http().await;
-    for _ in 0..TOTAL {
-        let reply = http
-            .post_json("/api/publish/ticker", &json!(payload).to_string())
-            .await;
-        assert_eq!(reply.status, 200);
-    }
+    let publishing = tokio::spawn(async move {
+        for _ in 0..TOTAL {
+            let reply = http.post_json("/api/publish/ticker", &payload).await;
+            assert_eq!(reply.status, 200);
+        }
+    });
+    // The server waits a bounded time (2 s) for room for the close frame of a consumer it
+    // dropped: the client starts reading once it is dropped, not when publishing ends.
+    let mut stats = server.http().await;
+    common::cluster::eventually("the slow consumer is dropped", async || {
+        stats.get("/api/stats").await.json()["slow_consumer_drops"] == 1
+    })
+    .await;
     // What reached the socket before the drop, then the close.
     let (last, close, _) = read_until_close(&mut slow).await;
+    publishing.await.expect("every publish answered");
     assert_eq!(close, 1008, "dropped as a slow consumer");
     assert!(last < TOTAL - 64, "it really missed messages: read {last}");
 

@@ -103,3 +103,26 @@ pub async fn leave_and_come_back(
     assert_eq!(reply["recovered"], true, "{reply}");
     expect_offsets(&mut ws, channel, leave_after, total).await;
 }
+
+/// One publisher per address in `nodes`, all publishing at once: each sends `count` messages
+/// (0, 1, ...) to `channel` over one keep-alive connection and checks every reply. Await the
+/// handles to know every message was published.
+pub fn spawn_publishers(
+    nodes: &[std::net::SocketAddr],
+    channel: &str,
+    count: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    nodes
+        .iter()
+        .map(|&addr| {
+            let path = format!("/api/publish/{channel}");
+            tokio::spawn(async move {
+                let mut http = super::HttpClient::connect(addr).await;
+                for n in 0..count {
+                    let reply = http.post_json(&path, &n.to_string()).await;
+                    assert_eq!(reply.status, 200);
+                }
+            })
+        })
+        .collect()
+}
