@@ -91,6 +91,20 @@ pub enum Push {
     Closing,
 }
 
+/// What [`Outbox::push_all`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushedAll {
+    /// Frames queued.
+    pub queued: u64,
+    /// The queue was empty before them (and at least one was queued): whoever pushed should
+    /// see that the outbox gets flushed.
+    pub first: bool,
+    /// The queue filled up: the connection is now closing as a slow consumer, and the frames
+    /// from there on were dropped. True once per connection, so the caller can count and log
+    /// the drop.
+    pub overflowed: bool,
+}
+
 /// Where an outbox's frames go: the one owner of the connection's outgoing bytes.
 #[derive(Debug)]
 pub enum Sink {
@@ -206,6 +220,42 @@ impl Outbox {
         let first = state.frames.is_empty();
         state.frames.push_back(frame);
         Push::Queued { first }
+    }
+
+    /// Queues each of `frames` in order, as [`Outbox::push`] would, under one lock: the shard
+    /// writer pushes the frames of consecutive deliveries to one connection at once, so that
+    /// a connection's outbox is touched once per round rather than once per delivery. Stops at
+    /// an overflow, which closes the connection as a slow consumer.
+    pub fn push_all<'a>(
+        &self,
+        frames: impl IntoIterator<Item = &'a Bytes>,
+        capacity: usize,
+    ) -> PushedAll {
+        let mut state = self.state.lock();
+        let mut pushed = PushedAll {
+            queued: 0,
+            first: state.frames.is_empty(),
+            overflowed: false,
+        };
+        if state.close.is_some() {
+            pushed.first = false;
+            return pushed;
+        }
+        for frame in frames {
+            if state.frames.len() + state.in_flight >= capacity {
+                state.close = Some(CloseReason::SlowConsumer);
+                let waker = state.waker.take();
+                drop(state);
+                wake(waker);
+                pushed.first &= pushed.queued > 0;
+                pushed.overflowed = true;
+                return pushed;
+            }
+            state.frames.push_back(frame.clone());
+            pushed.queued += 1;
+        }
+        pushed.first &= pushed.queued > 0;
+        pushed
     }
 
     /// Writes what is queued, now, without blocking: one vectored write per `MAX_IOV` frames
@@ -512,6 +562,51 @@ mod tests {
             outbox.poll_signal(&mut cx, false),
             Poll::Ready(Signal::Close(CloseReason::SlowConsumer))
         );
+    }
+
+    #[test]
+    fn push_all_queues_in_order_and_stops_at_an_overflow() {
+        let outbox = Outbox::new(Sink::Detached, 0, false);
+        let frames: Vec<Bytes> = [b"a", b"b", b"c", b"d"].map(|s| Bytes::from_static(s)).to_vec();
+        let none: [&Bytes; 0] = [];
+        assert_eq!(
+            outbox.push_all(none, 3),
+            PushedAll {
+                queued: 0,
+                first: false,
+                overflowed: false
+            },
+            "nothing pushed: nothing to flush"
+        );
+        assert_eq!(
+            outbox.push_all(&frames[..2], 3),
+            PushedAll {
+                queued: 2,
+                first: true,
+                overflowed: false
+            }
+        );
+        assert_eq!(
+            outbox.push_all(&frames[2..], 3),
+            PushedAll {
+                queued: 1,
+                first: false,
+                overflowed: true
+            },
+            "c fits, d overflows"
+        );
+        let queued: Vec<_> = outbox.state.lock().frames.iter().cloned().collect();
+        assert_eq!(queued, frames[..3]);
+        assert_eq!(
+            outbox.push_all(&frames[..1], 3),
+            PushedAll {
+                queued: 0,
+                first: false,
+                overflowed: false
+            },
+            "a closing outbox takes nothing, and the overflow is told once"
+        );
+        assert_eq!(outbox.close_reason(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

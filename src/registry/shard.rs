@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 use tokio::sync::mpsc;
 
-use super::outbox::{CloseReason, Outbox, Push};
+use super::outbox::{CloseReason, Outbox, Push, PushedAll};
 use super::{Format, Inner};
 use crate::metrics::Metrics;
 
@@ -211,6 +211,29 @@ impl Fanout {
         }
     }
 
+    /// Queues `frames` on `entry`'s outbox under one lock (see [`Outbox::push_all`]), counting
+    /// the deliveries, or counting and logging the drop when the outbox overflows.
+    pub fn push_all<'a>(
+        &mut self,
+        entry: &Entry,
+        frames: impl IntoIterator<Item = &'a Bytes>,
+        capacity: usize,
+    ) {
+        let PushedAll {
+            queued,
+            first,
+            overflowed,
+        } = entry.outbox.push_all(frames, capacity);
+        self.queued += queued;
+        if first {
+            self.touched.push(Arc::clone(&entry.outbox));
+        }
+        if overflowed {
+            self.overflowed += 1;
+            log_slow_consumer(&entry.client_id, capacity);
+        }
+    }
+
     /// Adds the pass's counts to the metrics and starts the next pass from zero.
     pub fn record(&mut self, metrics: &Metrics) {
         metrics.deliveries.inc_by(std::mem::take(&mut self.queued));
@@ -278,42 +301,28 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         let shard = &inner.shards[index];
         {
             let mut state = shard.state.lock();
-            for delivery in &batch {
-                let mut push = |entry: &Entry| {
-                    if let Some(frame) = delivery.frame_for(entry.format) {
-                        fanout.push(entry, frame, capacity);
-                    }
-                };
-                match &delivery.channel {
+            // Consecutive deliveries for the same connections (one channel's, or every
+            // connection's) are pushed connection by connection: each outbox is locked, and
+            // its memory touched, once for all of them instead of once per delivery. A
+            // connection still gets its frames in the order of the batch.
+            for run in batch.chunk_by(|a, b| a.channel == b.channel) {
+                match &run[0].channel {
                     Some(channel) => {
-                        let floors = state.floors.get(channel).filter(|_| delivery.offset > 0);
-                        for key in state.channels.get(channel).into_iter().flat_map(Keys::iter) {
-                            let below_floor = floors.is_some_and(|floors| {
-                                floors
-                                    .get(&key)
-                                    .is_some_and(|&floor| delivery.offset <= floor)
-                            });
-                            if !below_floor {
-                                push(&state.conns[key as usize]);
-                            }
-                        }
-                        if floors.is_some() {
-                            // Messages come in offset order: a floor this one reached is done.
-                            let offset = delivery.offset;
-                            if let Some(floors) = state.floors.get_mut(channel) {
-                                floors.retain(|_, floor| *floor > offset);
-                                if floors.is_empty() {
-                                    state.floors.remove(channel);
-                                }
-                            }
+                        fan_out_to_channel(&mut state, channel, run, &mut fanout, capacity)
+                    }
+                    None => {
+                        for (_, entry) in state.conns.iter() {
+                            let frames = run.iter().filter_map(|d| d.frame_for(entry.format));
+                            fanout.push_all(entry, frames, capacity);
                         }
                     }
-                    None => state.conns.iter().for_each(|(_, entry)| push(entry)),
                 }
-                inner
-                    .metrics
-                    .publish_to_enqueue
-                    .observe(delivery.published_at.elapsed().as_secs_f64());
+                for delivery in run {
+                    inner
+                        .metrics
+                        .publish_to_enqueue
+                        .observe(delivery.published_at.elapsed().as_secs_f64());
+                }
             }
         }
         // Outside the shard lock: one write per connection for the whole batch. Yielding now
@@ -327,6 +336,44 @@ pub async fn run_writer(inner: Weak<Inner>, index: usize, mut rx: mpsc::Receiver
         }
         batch.clear();
         fanout.record(&inner.metrics);
+    }
+}
+
+/// Pushes a run of `channel`'s deliveries to the channel's subscribers on this shard: to each
+/// the frames for its format past its floor, if it has one (a subscriber attached at some
+/// offset has the messages up to it already).
+fn fan_out_to_channel(
+    state: &mut ShardState,
+    channel: &str,
+    run: &[Arc<Delivery>],
+    fanout: &mut Fanout,
+    capacity: usize,
+) {
+    let ShardState {
+        conns,
+        channels,
+        floors,
+        ..
+    } = state;
+    let channel_floors = floors.get(channel);
+    for key in channels.get(channel).into_iter().flat_map(Keys::iter) {
+        let entry = &conns[key as usize];
+        let floor = channel_floors.and_then(|floors| floors.get(&key)).copied();
+        let frames = run
+            .iter()
+            .filter(|d| !floor.is_some_and(|floor| d.offset > 0 && d.offset <= floor))
+            .filter_map(|d| d.frame_for(entry.format));
+        fanout.push_all(entry, frames, capacity);
+    }
+    // Messages come in offset order: a floor the run reached is done.
+    let reached = run.iter().map(|d| d.offset).max().unwrap_or(0);
+    if reached > 0
+        && let Some(channel_floors) = floors.get_mut(channel)
+    {
+        channel_floors.retain(|_, floor| *floor > reached);
+        if channel_floors.is_empty() {
+            floors.remove(channel);
+        }
     }
 }
 
