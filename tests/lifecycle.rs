@@ -229,3 +229,44 @@ async fn shutdown_closes_every_connection_with_1001() {
         "no longer accepting"
     );
 }
+
+/// A quiet connection parks (it has no task while it waits, see `connection::park`); whatever
+/// happens on it next brings it back: after each quiet spell on tokio's paused clock, a request
+/// is answered, a published message arrives, and at the end its close is answered.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_connection_wakes_for_requests_messages_and_its_close() {
+    let quiet = Duration::from_secs(5);
+    let server = TestServer::start(
+        Config::default()
+            .ping_interval(Duration::from_secs(3600))
+            .idle_timeout(Duration::from_secs(7200)),
+    )
+    .await;
+    let (mut ws, _) = server.connect_json("").await;
+    for round in 0..3 {
+        tokio::time::sleep(quiet).await;
+        let channel = format!("room{round}");
+        common::send_json(
+            &mut ws,
+            serde_json::json!({"type":"subscribe","channel":channel,"id":round}),
+        )
+        .await;
+        let reply = recv_json(&mut ws).await;
+        assert_eq!(
+            (&reply["type"], &reply["id"]),
+            (&serde_json::json!("subscribed"), &serde_json::json!(round)),
+            "{reply}"
+        );
+        tokio::time::sleep(quiet).await;
+        let mut http = server.http().await;
+        let published = http
+            .post_json(&format!("/api/publish/{channel}"), "1")
+            .await;
+        assert_eq!(published.status, 200);
+        assert_eq!(recv_json(&mut ws).await["channel"], channel.as_str());
+    }
+    tokio::time::sleep(quiet).await;
+    use futures_util::SinkExt as _;
+    ws.send(Message::Close(None)).await.expect("send close");
+    assert_eq!(expect_close(&mut ws).await.0, 1005, "the close is answered");
+}
