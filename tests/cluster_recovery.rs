@@ -23,6 +23,14 @@ fn cluster_config(url: &str, history: usize) -> Config {
         .history_size(history)
 }
 
+/// Two ready nodes on `redis`, keeping `history` messages a channel.
+async fn node_pair(redis: &RedisServer, history: usize) -> (TestServer, TestServer) {
+    let a = TestServer::start(cluster_config(&redis.url(), history)).await;
+    let b = TestServer::start(cluster_config(&redis.url(), history)).await;
+    wait_ready(&[&a, &b]).await;
+    (a, b)
+}
+
 /// Two ready nodes keeping `history` messages a channel: A on `redis` itself, B through a
 /// proxy that can cut it off.
 async fn cut_off_pair(redis: &RedisServer, history: usize) -> (StallProxy, TestServer, TestServer) {
@@ -59,9 +67,7 @@ async fn every_node_serves_one_stream_and_one_history() {
     let Some(redis) = RedisServer::start("cluster streams") else {
         return;
     };
-    let a = TestServer::start(cluster_config(&redis.url(), 100)).await;
-    let b = TestServer::start(cluster_config(&redis.url(), 100)).await;
-    wait_ready(&[&a, &b]).await;
+    let (a, b) = node_pair(&redis, 100).await;
     let (mut on_a, _) = a.connect_json("").await;
     let (mut on_b, _) = b.connect_json("").await;
     let reply_a = subscribe(&mut on_a, "news", None).await;
@@ -117,9 +123,7 @@ async fn recovery_on_another_node_under_concurrent_publishing_is_exactly_once() 
     let Some(redis) = RedisServer::start("cluster recovery under load") else {
         return;
     };
-    let a = TestServer::start(cluster_config(&redis.url(), 5000)).await;
-    let b = TestServer::start(cluster_config(&redis.url(), 5000)).await;
-    wait_ready(&[&a, &b]).await;
+    let (a, b) = node_pair(&redis, 5000).await;
     let (mut watcher, _) = a.connect_json("").await;
     let epoch = subscribe(&mut watcher, "load", None).await["epoch"]
         .as_str()
@@ -267,9 +271,7 @@ async fn redis_killed_and_restarted_mid_stream_heals_subscribers_from_the_histor
     let Some(mut redis) = RedisServer::start_persistent("cluster redis restart heals") else {
         return;
     };
-    let a = TestServer::start(cluster_config(&redis.url(), 1000)).await;
-    let b = TestServer::start(cluster_config(&redis.url(), 1000)).await;
-    wait_ready(&[&a, &b]).await;
+    let (a, b) = node_pair(&redis, 1000).await;
     let (mut on_b, _) = b.connect_json("channels=orders").await;
     wait_numsub(&redis, "herald:{orders}:messages", 1).await;
     let addr = a.addr;
@@ -352,9 +354,7 @@ async fn an_event_stream_resumes_on_another_node_under_concurrent_publishing() {
     let Some(redis) = RedisServer::start("cluster sse resume") else {
         return;
     };
-    let a = TestServer::start(cluster_config(&redis.url(), 5000)).await;
-    let b = TestServer::start(cluster_config(&redis.url(), 5000)).await;
-    wait_ready(&[&a, &b]).await;
+    let (a, b) = node_pair(&redis, 5000).await;
     let mut sse = Sse::open(a.addr, "channels=load,quiet", "").await;
     assert_eq!(sse.next_event().await.1["type"], "welcome");
     publish(&b, "load", 10).await;
