@@ -162,7 +162,9 @@ async fn slow_consumer_gets_close_1008_once_it_reads_again() {
     );
 }
 
-#[tokio::test]
+/// On tokio's paused clock: the server's pings and its idle timeout are timers, so the test
+/// takes no real time and asserts on the clock the server itself runs on.
+#[tokio::test(start_paused = true)]
 async fn idle_clients_are_pinged_then_closed() {
     let config = Config::default()
         .ping_interval(Duration::from_millis(100))
@@ -170,14 +172,22 @@ async fn idle_clients_are_pinged_then_closed() {
     let server = TestServer::start(config).await;
     // A client that never answers: it receives pings, then close 1001.
     let mut silent = raw_websocket(&server, "").await;
+    let connected = tokio::time::Instant::now();
     let mut received = Vec::new();
     tokio::time::timeout(common::WAIT, silent.read_to_end(&mut received))
         .await
         .expect("server closes the idle connection")
         .expect("read");
+    let closed_after = connected.elapsed();
     assert!(received.windows(2).any(|w| w == [0x89, 0x00]), "got a ping");
     let text = String::from_utf8_lossy(&received);
     assert!(text.contains("idle timeout"), "close reason: {text:?}");
+    // Closed by the first housekeeping round past 400 ms of silence (a round every 25 ms: a
+    // quarter of the shorter of the two intervals).
+    assert!(
+        closed_after >= Duration::from_millis(400) && closed_after <= Duration::from_millis(500),
+        "closed after {closed_after:?} of the paused clock"
+    );
     // A client that answers pings (tungstenite does, while it reads) stays.
     let (mut live, _) = server.connect_json("channels=a").await;
     common::expect_silence(&mut live, Duration::from_millis(900)).await;
