@@ -1,21 +1,16 @@
 //! One WebSocket connection after the upgrade: our own read loop, replies, and closing.
 //!
-//! An idle connection has no task: it parks (see [`park`]) and gets one back when something
-//! happens on it.
-//!
 //! The task reads only when the socket is readable, into a buffer it allocates then and frees
 //! as soon as no partial frame is left, so an idle connection holds no read buffer. Published
 //! frames never pass through this task: the shard writer writes them straight from the
 //! connection's [`Outbox`] to the socket. The task writes its own replies the same way, and
 //! takes over the writing only when the socket is full, waiting for it to drain.
 
-mod park;
-
 use std::borrow::Cow;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -34,7 +29,6 @@ use crate::registry::{
 };
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{Decoder, Message, OpCode, encode_close, encode_frame};
-use park::{PARK_AFTER_MS, Parking};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -110,8 +104,6 @@ pub fn spawn(
         input_paused: false,
         auth: session.auth,
         start: (session.format != Format::Echo).then(|| Box::new(channels)),
-        woke_ms: registry.now_ms(),
-        park_next: true,
         _permit: permit,
     };
     tokio::spawn(conn.run());
@@ -125,21 +117,6 @@ type Start = Vec<(Arc<str>, Option<Position>)>;
 /// connection's other channels and its replies have room next to a replay.
 fn replay_room(outbox: &Outbox, capacity: usize) -> usize {
     (capacity / 2).max(1).saturating_sub(outbox.depth())
-}
-
-/// How [`Connection::serve`] stopped.
-enum Served {
-    /// The connection ends.
-    Ended(Ending),
-    /// The connection is waiting with nothing in progress, its waker registered in this
-    /// parking: the task hands it over and ends.
-    Park(Arc<Parking>),
-}
-
-impl From<Ending> for Served {
-    fn from(ending: Ending) -> Self {
-        Served::Ended(ending)
-    }
 }
 
 /// What woke a waiting connection.
@@ -220,11 +197,6 @@ struct Connection {
     /// The channels of the connect URL, until the connection has caught up on them and sent
     /// its welcome; boxed, since an idle connection has none.
     start: Option<Box<Start>>,
-    /// When the connection was last woken (registry clock, ms).
-    woke_ms: u64,
-    /// The connection parks instead of waiting in its task the next time it waits: it was
-    /// quiet for [`PARK_AFTER_MS`] before its last wake (a new connection parks at once).
-    park_next: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -248,16 +220,7 @@ enum Input {
 
 impl Connection {
     async fn run(mut self) {
-        let ending = loop {
-            match self.serve().await {
-                Served::Ended(ending) => break ending,
-                Served::Park(parking) => match parking.hold(self) {
-                    None => return,
-                    // Woken before it was parked: carry on in this task.
-                    Some(connection) => self = connection,
-                },
-            }
-        };
+        let ending = self.serve().await;
         let by = match ending {
             Ending::Gone => ClosedBy::PeerGone,
             Ending::Close { by, .. } => by,
@@ -268,76 +231,48 @@ impl Connection {
         Box::pin(self.finish(ending)).await;
     }
 
-    /// The connection's next task after it was parked: carries on from the top of
-    /// [`Connection::serve`].
-    fn resume(mut self) -> impl Future<Output = ()> + Send {
-        self.woken();
-        self.run()
-    }
-
-    async fn serve(&mut self) -> Served {
+    async fn serve(&mut self) -> Ending {
         if let Some(start) = self.start.take() {
             if let Some(ending) = Box::pin(self.start(*start)).await {
-                return ending.into();
+                return ending;
             }
         }
         if let Some(ending) = self.drain_input().await {
-            return ending.into();
+            return ending;
         }
         loop {
             // Checked on every turn, so a client that keeps the socket readable cannot hold
             // off a close the server asked for.
             if let Some(reason) = self.outbox.close_reason() {
-                return Ending::server(reason).into();
+                return Ending::server(reason);
             }
             // Writes this connection's own replies; publishes are written by the shard writer.
             let blocked = match self.outbox.flush(self.broker.registry().metrics()) {
                 Flushed::Done => false,
                 Flushed::Blocked => true,
-                Flushed::Failed => return Ending::Gone.into(),
+                Flushed::Failed => return Ending::Gone,
             };
             if self.input_paused && !blocked {
                 self.input_paused = false;
                 if let Some(ending) = self.drain_input().await {
-                    return ending.into();
+                    return ending;
                 }
                 continue;
             }
-            let wake = if self.park_next && !blocked && self.read_buf.is_none() {
-                // Register a parking's waker where the task would wait: if nothing is ready,
-                // the connection parks and this task ends.
-                let parking = Parking::new();
-                let waker = Waker::from(Arc::clone(&parking));
-                match self.poll_wake(&mut Context::from_waker(&waker), blocked) {
-                    Poll::Ready(wake) => wake,
-                    Poll::Pending => return Served::Park(parking),
-                }
-            } else {
-                poll_fn(|cx| self.poll_wake(cx, blocked)).await
-            };
-            self.woken();
-            match wake {
+            match poll_fn(|cx| self.poll_wake(cx, blocked)).await {
                 Wake::Readable => {
                     if let Some(ending) = self.read() {
-                        return ending.into();
+                        return ending;
                     }
                     if let Some(ending) = self.drain_input().await {
-                        return ending.into();
+                        return ending;
                     }
                 }
                 Wake::Writable => self.outbox.unblock(),
                 Wake::BlockedChanged => {}
-                Wake::Close(reason) => return Ending::server(reason).into(),
+                Wake::Close(reason) => return Ending::server(reason),
             }
         }
-    }
-
-    /// Notes a wake: a connection that was quiet for [`PARK_AFTER_MS`] before it parks again
-    /// once it waits.
-    fn woken(&mut self) {
-        let now = self.broker.registry().now_ms();
-        self.park_next = now.saturating_sub(self.woke_ms) >= PARK_AFTER_MS;
-        self.woke_ms = now;
     }
 
     /// Handles every complete message buffered, awaiting the requests that need it.
@@ -867,8 +802,6 @@ mod tests {
             input_paused: false,
             auth: None,
             start: None,
-            woke_ms: 0,
-            park_next: true,
             _permit: None,
         };
         let future = conn.run();
