@@ -567,7 +567,9 @@ mod tests {
     #[test]
     fn push_all_queues_in_order_and_stops_at_an_overflow() {
         let outbox = Outbox::new(Sink::Detached, 0, false);
-        let frames: Vec<Bytes> = [b"a", b"b", b"c", b"d"].map(|s| Bytes::from_static(s)).to_vec();
+        let frames: Vec<Bytes> = [b"a", b"b", b"c", b"d"]
+            .map(|s| Bytes::from_static(s))
+            .to_vec();
         let none: [&Bytes; 0] = [];
         assert_eq!(
             outbox.push_all(none, 3),
